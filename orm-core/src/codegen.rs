@@ -1,0 +1,47 @@
+//! Support for the code `#[derive(Model)]` generates. Not a public API.
+
+use crate::expr::Column;
+use crate::model::TableDef;
+use crate::types::{ColumnType, NotNullColumnType, Param, TextColumnType};
+
+pub use crate::metadata::{base_id, Registration};
+pub use crate::model::decode_column;
+pub use crate::sql::ReferentialAction;
+pub use crate::types::IdentityColumnType;
+pub use tokio_postgres::Row;
+
+/// Fails to compile, on the field's type, unless it is a column type.
+pub fn assert_column_type<T: ColumnType>() {}
+
+/// Fails to compile unless the type can be a primary key (not nullable).
+pub fn assert_primary_key_type<T: NotNullColumnType>() {}
+
+/// Fails to compile unless the type can be an identity column.
+pub fn assert_identity_type<T: IdentityColumnType>() {}
+
+/// Fails to compile unless the type takes a `length`.
+pub fn assert_text_type<T: TextColumnType>() {}
+
+/// A field of type `Self` can reference a column of type `T`: the same
+/// type, or its nullable form.
+#[diagnostic::on_unimplemented(
+    message = "a field of type `{Self}` cannot reference a column of type `{T}`",
+    label = "the foreign key's type must match the referenced column's"
+)]
+pub trait References<T> {}
+
+impl<T: ColumnType> References<T> for T {}
+impl<T: ColumnType> References<T> for Option<T> {}
+
+/// Fails to compile unless a field of type `F` can reference `column`.
+pub fn assert_foreign_key_type<F: References<T>, M, T>(column: Column<M, T>) {
+    let _ = column;
+}
+
+/// Reached only if generated code and its table description disagree.
+pub fn no_such_column(table: &TableDef, column: usize) -> Param {
+    panic!(
+        "internal error: model {} has no column at position {column}",
+        table.model
+    )
+}

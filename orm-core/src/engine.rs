@@ -1,0 +1,407 @@
+//! The engine: a parsed URL, options, and a lazily connecting pool.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use crate::error::{Error, Result};
+use crate::types::Param;
+use crate::url::DatabaseUrl;
+
+/// Creates an engine for `url` with default options; see [`Engine::builder`]
+/// for the keywords of SQLAlchemy's `create_engine`.
+///
+/// Nothing connects until the first statement.
+pub fn create_engine(url: &str) -> Result<Engine> {
+    Engine::builder(url).build()
+}
+
+/// A connection pool plus the options every session of it shares. Cheap to
+/// clone: clones share the pool.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    url: DatabaseUrl,
+    pool: Pool,
+    pool_timeout: Duration,
+    echo: bool,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL's Display masks the password.
+        f.debug_struct("Engine")
+            .field("url", &self.inner.url.to_string())
+            .field("pool_size", &self.inner.pool.status().max_size)
+            .field("pool_timeout", &self.inner.pool_timeout)
+            .field("echo", &self.inner.echo)
+            .finish()
+    }
+}
+
+/// Options for an [`Engine`], named after `create_engine`'s keywords.
+#[derive(Clone)]
+pub struct EngineBuilder {
+    url: String,
+    pool_size: usize,
+    pool_timeout: Duration,
+    connect_timeout: Option<Duration>,
+    statement_timeout: Option<Duration>,
+    echo: bool,
+    application_name: Option<String>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = DatabaseUrl::parse(&self.url)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| "<invalid url>".into());
+        f.debug_struct("EngineBuilder")
+            .field("url", &url)
+            .field("pool_size", &self.pool_size)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("echo", &self.echo)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+impl EngineBuilder {
+    /// Most connections the pool opens at once (`pool_size`, default 10).
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long to wait for a free pooled connection (`pool_timeout`, default 30 s).
+    pub fn pool_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the server when opening a connection
+    /// (`connect_args={"connect_timeout": ...}`); overrides the URL's `connect_timeout`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// The server cancels any statement running longer than this.
+    /// Set once per connection at startup, so it costs no round trip.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Log every statement, its parameter count and its duration through
+    /// `tracing` (target `orm::echo`, level INFO), as SQLAlchemy's `echo=True`.
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
+    }
+
+    /// The `application_name` shown in `pg_stat_activity`; overrides the URL's.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Validates the options and builds the engine. Connects to nothing.
+    pub fn build(self) -> Result<Engine> {
+        let url = DatabaseUrl::parse(&self.url)?;
+        if self.pool_size == 0 {
+            return Err(Error::InvalidOption {
+                option: "pool_size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.pool_timeout.is_zero() {
+            return Err(Error::InvalidOption {
+                option: "pool_timeout",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        let mut config = url.to_config()?;
+        if let Some(timeout) = self.connect_timeout {
+            if timeout.is_zero() {
+                return Err(Error::InvalidOption {
+                    option: "connect_timeout",
+                    reason: "must be longer than zero".into(),
+                });
+            }
+            config.connect_timeout(timeout);
+        }
+        if let Some(name) = &self.application_name {
+            config.application_name(name);
+        }
+        if let Some(timeout) = self.statement_timeout {
+            let millis = timeout.as_millis();
+            if millis == 0 || millis > i32::MAX as u128 {
+                return Err(Error::InvalidOption {
+                    option: "statement_timeout",
+                    reason: format!("must be between 1 ms and {} ms", i32::MAX),
+                });
+            }
+            let options = match config.get_options() {
+                Some(existing) => format!("{existing} -c statement_timeout={millis}"),
+                None => format!("-c statement_timeout={millis}"),
+            };
+            config.options(&options);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            // No health-check query on every checkout: a dead connection shows
+            // up as `is_closed()`, which Fast recycling does check.
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .wait_timeout(Some(self.pool_timeout))
+            .create_timeout(self.connect_timeout.or(url.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::InvalidOption {
+                option: "pool",
+                reason: e.to_string(),
+            })?;
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                url,
+                pool,
+                pool_timeout: self.pool_timeout,
+                echo: self.echo,
+            }),
+        })
+    }
+}
+
+/// Pool occupancy, for monitoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Most connections the pool may hold.
+    pub max_size: usize,
+    /// Connections open now.
+    pub size: usize,
+    /// Open connections not checked out.
+    pub available: usize,
+}
+
+impl Engine {
+    /// Starts building an engine with options; see [`EngineBuilder`].
+    pub fn builder(url: impl Into<String>) -> EngineBuilder {
+        EngineBuilder {
+            url: url.into(),
+            pool_size: 10,
+            pool_timeout: Duration::from_secs(30),
+            connect_timeout: None,
+            statement_timeout: None,
+            echo: false,
+            application_name: None,
+        }
+    }
+
+    /// The engine's URL (its `Display` masks the password).
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.inner.url
+    }
+
+    /// Whether statements are logged.
+    pub fn echo(&self) -> bool {
+        self.inner.echo
+    }
+
+    /// The pool's occupancy.
+    pub fn pool_status(&self) -> PoolStatus {
+        let status = self.inner.pool.status();
+        PoolStatus {
+            max_size: status.max_size,
+            size: status.size,
+            available: status.available,
+        }
+    }
+
+    /// Checks a connection out of the pool, for plain SQL. It goes back to
+    /// the pool when dropped.
+    pub async fn connect(&self) -> Result<Connection> {
+        Ok(Connection {
+            client: self.checkout().await?,
+            echo: self.inner.echo,
+        })
+    }
+
+    pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::from_pool(e, self.inner.pool_timeout))
+    }
+
+    /// Runs DDL statements in one transaction.
+    pub(crate) async fn run_in_transaction(&self, statements: &[String]) -> Result<()> {
+        let client = self.checkout().await?;
+        let exec = Executor::new(&client, self.inner.echo);
+        exec.batch("BEGIN").await?;
+        for statement in statements {
+            if let Err(error) = exec.batch(statement).await {
+                // Best effort: the error that matters is the statement's.
+                let _ = exec.batch("ROLLBACK").await;
+                return Err(error);
+            }
+        }
+        exec.batch("COMMIT").await
+    }
+}
+
+/// A pooled connection for plain SQL (SQLAlchemy Core's `engine.connect()`).
+/// Values always travel as bind parameters (`$1`, `$2`, ...).
+pub struct Connection {
+    client: deadpool_postgres::Object,
+    echo: bool,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("echo", &self.echo)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Runs one SQL statement written by hand and returns its rows.
+    pub async fn raw_query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        Executor::new(&self.client, self.echo).raw_query(sql, params).await
+    }
+
+    /// Runs one SQL statement written by hand and returns the number of rows it changed.
+    pub async fn raw_execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        Executor::new(&self.client, self.echo).raw_execute(sql, params).await
+    }
+
+    /// Runs several `;`-separated SQL statements written by hand, without parameters.
+    pub async fn raw_batch(&self, sql: &str) -> Result<()> {
+        Executor::new(&self.client, self.echo).batch(sql).await
+    }
+
+    /// The driver's client, for anything this API does not cover.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+/// Runs statements on one client: prepared-statement cache, error mapping and echo.
+pub(crate) struct Executor<'c> {
+    client: &'c deadpool_postgres::ClientWrapper,
+    echo: bool,
+}
+
+impl<'c> Executor<'c> {
+    pub(crate) fn new(client: &'c deadpool_postgres::ClientWrapper, echo: bool) -> Self {
+        Executor { client, echo }
+    }
+
+    fn log(&self, sql: &str, params: usize, started: Option<Instant>) {
+        if let Some(started) = started {
+            tracing::info!(
+                target: "orm::echo",
+                sql,
+                params,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "{sql}"
+            );
+        }
+    }
+
+    pub(crate) async fn query(&self, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        self.for_each_row(sql, params, |row| {
+            rows.push(row);
+            Ok(())
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    /// Runs a query and hands each row to `on_row` as it arrives, without
+    /// collecting the rows first.
+    pub(crate) async fn for_each_row(
+        &self,
+        sql: &str,
+        params: &[Param],
+        mut on_row: impl FnMut(Row) -> Result<()>,
+    ) -> Result<()> {
+        let started = self.echo.then(Instant::now);
+        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+        let stream = self
+            .client
+            .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
+            .await
+            .map_err(Error::from_driver)?;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
+            .await
+            .map_err(Error::from_driver)?
+        {
+            on_row(row)?;
+        }
+        self.log(sql, params.len(), started);
+        Ok(())
+    }
+
+    pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {
+        let started = self.echo.then(Instant::now);
+        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+        let count = self
+            .client
+            .execute_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
+            .await
+            .map_err(Error::from_driver)?;
+        self.log(sql, params.len(), started);
+        Ok(count)
+    }
+
+    pub(crate) async fn raw_query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let started = self.echo.then(Instant::now);
+        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+        let rows = self
+            .client
+            .query(&statement, params)
+            .await
+            .map_err(Error::from_driver)?;
+        self.log(sql, params.len(), started);
+        Ok(rows)
+    }
+
+    pub(crate) async fn raw_execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let started = self.echo.then(Instant::now);
+        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+        let count = self
+            .client
+            .execute(&statement, params)
+            .await
+            .map_err(Error::from_driver)?;
+        self.log(sql, params.len(), started);
+        Ok(count)
+    }
+
+    /// Runs statements without parameters over the simple protocol.
+    pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
+        let started = self.echo.then(Instant::now);
+        self.client.batch_execute(sql).await.map_err(Error::from_driver)?;
+        self.log(sql, 0, started);
+        Ok(())
+    }
+}

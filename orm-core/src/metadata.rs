@@ -1,0 +1,241 @@
+//! The declarative base: which models exist, in which order their tables
+//! depend on each other, and the DDL that creates or drops them.
+
+use std::any::TypeId;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::OnceLock;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::TableDef;
+use crate::sql::{
+    ColumnSpec, CreateIndexStatement, CreateTableStatement, Dialect, DropTableStatement, PgDialect, SqlType,
+    TableConstraint,
+};
+
+/// A model's registration with a declarative base, submitted by
+/// `#[derive(Model)]` at link time.
+#[derive(Debug)]
+pub struct Registration {
+    /// The base's type id.
+    pub base: fn() -> TypeId,
+    /// The model's table.
+    pub table: &'static TableDef,
+}
+
+inventory::collect!(Registration);
+
+/// Used by `#[derive(Model)]` to name a base by type.
+#[doc(hidden)]
+pub fn base_id<B: 'static>() -> TypeId {
+    TypeId::of::<B>()
+}
+
+/// The tables of one declarative base, parents before children.
+#[derive(Debug, Clone)]
+pub struct MetaData {
+    tables: Vec<&'static TableDef>,
+}
+
+impl MetaData {
+    /// Collects every model registered with base `B`.
+    pub fn for_base<B: 'static>() -> Result<Self> {
+        let base = TypeId::of::<B>();
+        let tables: Vec<&'static TableDef> = inventory::iter::<Registration>
+            .into_iter()
+            .filter(|r| (r.base)() == base)
+            .map(|r| r.table)
+            .collect();
+        Self::from_tables(tables)
+    }
+
+    /// Orders the given tables so that every table comes after the tables it
+    /// references. Fails on two models claiming one table, or on a cycle.
+    pub fn from_tables(tables: Vec<&'static TableDef>) -> Result<Self> {
+        let mut by_name: BTreeMap<&'static str, &'static TableDef> = BTreeMap::new();
+        for table in tables {
+            if let Some(previous) = by_name.insert(table.name, table) {
+                if !std::ptr::eq(previous, table) {
+                    return Err(Error::Metadata(format!(
+                        "models {} and {} both map to table {:?}",
+                        previous.model, table.model, table.name
+                    )));
+                }
+            }
+        }
+        let (order, leftover) = dependency_order(&by_name);
+        if !leftover.is_empty() {
+            return Err(Error::Metadata(format!(
+                "foreign keys form a cycle between tables {}; break it with a nullable key set after insert",
+                leftover.join(", ")
+            )));
+        }
+        Ok(MetaData {
+            tables: order.into_iter().map(|name| by_name[name]).collect(),
+        })
+    }
+
+    /// The tables, parents before children.
+    pub fn tables(&self) -> &[&'static TableDef] {
+        &self.tables
+    }
+
+    /// The statements `create_all` runs, in order.
+    pub fn create_all_sql(&self) -> Vec<String> {
+        let dialect = PgDialect;
+        let mut statements = Vec::new();
+        for table in &self.tables {
+            let mut sql = String::new();
+            dialect.prepare_create_table(&mut sql, &create_table_statement(table));
+            statements.push(sql);
+            for index in create_index_statements(table) {
+                let mut sql = String::new();
+                dialect.prepare_create_index(&mut sql, &index);
+                statements.push(sql);
+            }
+        }
+        statements
+    }
+
+    /// The statements `drop_all` runs, in order (children first).
+    pub fn drop_all_sql(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .rev()
+            .map(|table| {
+                let mut sql = String::new();
+                PgDialect.prepare_drop_table(
+                    &mut sql,
+                    &DropTableStatement {
+                        name: table.name,
+                        if_exists: true,
+                    },
+                );
+                sql
+            })
+            .collect()
+    }
+
+    /// Creates every table and index that does not exist yet, in one
+    /// transaction. Running it twice changes nothing the second time.
+    pub async fn create_all(&self, engine: &Engine) -> Result<()> {
+        engine.run_in_transaction(&self.create_all_sql()).await
+    }
+
+    /// Drops every table, children first, in one transaction.
+    pub async fn drop_all(&self, engine: &Engine) -> Result<()> {
+        engine.run_in_transaction(&self.drop_all_sql()).await
+    }
+}
+
+/// Kahn's algorithm, ties broken by name so the order is stable. Returns the
+/// order and the tables left over because they sit on a cycle. References to
+/// tables outside `tables` are ignored (they belong to another base).
+fn dependency_order(tables: &BTreeMap<&'static str, &'static TableDef>) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut waiting_on: BTreeMap<&'static str, BTreeSet<&'static str>> = BTreeMap::new();
+    for (name, table) in tables {
+        let parents = table
+            .referenced_tables()
+            .filter(|parent| parent != name && tables.contains_key(parent))
+            .collect();
+        waiting_on.insert(name, parents);
+    }
+    let mut order = Vec::with_capacity(tables.len());
+    loop {
+        let ready: Vec<&'static str> = waiting_on
+            .iter()
+            .filter(|(_, parents)| parents.is_empty())
+            .map(|(name, _)| *name)
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for name in ready {
+            waiting_on.remove(name);
+            for parents in waiting_on.values_mut() {
+                parents.remove(name);
+            }
+            order.push(name);
+        }
+    }
+    (order, waiting_on.into_keys().collect())
+}
+
+/// Every registered table's position in a global parents-first order, used by
+/// the session to order a flush. Tables on a cycle come last, by name.
+pub(crate) fn flush_rank(table: &'static str) -> usize {
+    static RANKS: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    let ranks = RANKS.get_or_init(|| {
+        let tables: BTreeMap<&'static str, &'static TableDef> = inventory::iter::<Registration>
+            .into_iter()
+            .map(|r| (r.table.name, r.table))
+            .collect();
+        let (mut order, leftover) = dependency_order(&tables);
+        order.extend(leftover);
+        order.into_iter().enumerate().map(|(rank, name)| (name, rank)).collect()
+    });
+    ranks.get(table).copied().unwrap_or(usize::MAX)
+}
+
+fn create_table_statement(table: &'static TableDef) -> CreateTableStatement {
+    let columns = table
+        .columns
+        .iter()
+        .map(|column| ColumnSpec {
+            name: column.name,
+            sql_type: match column.length {
+                Some(length) => SqlType::Varchar(length),
+                None => SqlType::Named(column.sql_type),
+            },
+            not_null: !column.nullable,
+            identity: column.identity,
+            default: column.default,
+        })
+        .collect();
+    let mut constraints = vec![TableConstraint::PrimaryKey {
+        name: format!("{}_pkey", table.name),
+        columns: table.primary_key_names(),
+    }];
+    for column in table
+        .columns
+        .iter()
+        .filter(|c| c.unique && !(c.primary_key && table.primary_key.len() == 1))
+    {
+        constraints.push(TableConstraint::Unique {
+            name: format!("{}_{}_key", table.name, column.name),
+            columns: vec![column.name],
+        });
+    }
+    for column in table.columns {
+        if let Some(fk) = &column.foreign_key {
+            constraints.push(TableConstraint::ForeignKey {
+                name: format!("{}_{}_fkey", table.name, column.name),
+                columns: vec![column.name],
+                references: (fk.target)().name,
+                referenced_columns: vec![fk.column],
+                on_delete: fk.on_delete,
+            });
+        }
+    }
+    CreateTableStatement {
+        name: table.name,
+        if_not_exists: true,
+        columns,
+        constraints,
+    }
+}
+
+fn create_index_statements(table: &'static TableDef) -> Vec<CreateIndexStatement> {
+    table
+        .columns
+        .iter()
+        .filter(|c| c.index && !c.unique)
+        .map(|column| CreateIndexStatement {
+            name: format!("ix_{}_{}", table.name, column.name),
+            table: table.name,
+            columns: vec![column.name],
+            unique: false,
+            if_not_exists: true,
+        })
+        .collect()
+}

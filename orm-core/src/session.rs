@@ -1,0 +1,585 @@
+//! Session factory and sessions: identity map, unit of work, transaction.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::fmt;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::engine::{Engine, Executor};
+use crate::error::{Error, Result};
+use crate::metadata::flush_rank;
+use crate::model::Model;
+use crate::query::Query;
+use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, PgDialect, SelectStatement, Statement};
+use crate::tracked::{ObjectStatus, Tracked};
+use crate::unit::{TableState, TableUnit};
+
+/// The flags of a session, as SQLAlchemy's `sessionmaker` keywords.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// `false` (default): the first statement opens a transaction that lasts
+    /// until `commit` or `rollback`. `true`: no transaction is held open;
+    /// each flush commits on its own, and `begin` opens one explicitly.
+    pub autocommit: bool,
+    /// `true` (default): pending changes are flushed before every query, so
+    /// queries see the session's own changes.
+    pub autoflush: bool,
+    /// `true` (default): `commit` expires every object, so the next load of
+    /// each row refreshes it from the database.
+    pub expire_on_commit: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            autocommit: false,
+            autoflush: true,
+            expire_on_commit: true,
+        }
+    }
+}
+
+/// Makes sessions bound to one engine with one set of flags
+/// (SQLAlchemy's `sessionmaker`).
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> orm_core::Result<()> {
+/// let engine = orm_core::create_engine("postgresql://postgres@localhost/app")?;
+/// let session_local = orm_core::sessionmaker(&engine).autoflush(false);
+/// let mut session = session_local.session();
+/// # session.close().await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SessionMaker {
+    engine: Engine,
+    config: SessionConfig,
+}
+
+/// A session factory bound to `engine`, with the default flags
+/// (`autocommit = false`, `autoflush = true`, `expire_on_commit = true`).
+pub fn sessionmaker(engine: &Engine) -> SessionMaker {
+    SessionMaker {
+        engine: engine.clone(),
+        config: SessionConfig::default(),
+    }
+}
+
+impl SessionMaker {
+    /// Sets `autocommit`.
+    pub fn autocommit(mut self, autocommit: bool) -> Self {
+        self.config.autocommit = autocommit;
+        self
+    }
+
+    /// Sets `autoflush`.
+    pub fn autoflush(mut self, autoflush: bool) -> Self {
+        self.config.autoflush = autoflush;
+        self
+    }
+
+    /// Sets `expire_on_commit`.
+    pub fn expire_on_commit(mut self, expire: bool) -> Self {
+        self.config.expire_on_commit = expire;
+        self
+    }
+
+    /// The flags sessions get.
+    pub fn config(&self) -> SessionConfig {
+        self.config
+    }
+
+    /// A new session (`SessionLocal()` in SQLAlchemy).
+    pub fn session(&self) -> Session {
+        Session::with_config(&self.engine, self.config)
+    }
+}
+
+/// An identity map, a unit of work and a transaction on one pooled
+/// connection, borrowed lazily at the first statement.
+///
+/// Dropping a session that is inside a transaction rolls it back before the
+/// connection goes back to the pool.
+pub struct Session {
+    engine: Engine,
+    config: SessionConfig,
+    conn: Option<deadpool_postgres::Object>,
+    /// A BEGIN may have been sent and not yet ended. Set before BEGIN goes
+    /// out, so a cancelled call errs on the side of rolling back.
+    in_transaction: bool,
+    /// A flush or statement failed inside the transaction: only `rollback`
+    /// (or `close`) may follow. Holds the failure's description.
+    failed: Option<String>,
+    units: HashMap<TypeId, Box<dyn TableUnit>>,
+    dialect: PgDialect,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("config", &self.config)
+            .field("connected", &self.conn.is_some())
+            .field("in_transaction", &self.in_transaction)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session on `engine` with the default flags, without a factory.
+    pub fn new(engine: &Engine) -> Self {
+        Self::with_config(engine, SessionConfig::default())
+    }
+
+    /// A session on `engine` with the given flags.
+    pub fn with_config(engine: &Engine, config: SessionConfig) -> Self {
+        Session {
+            engine: engine.clone(),
+            config,
+            conn: None,
+            in_transaction: false,
+            failed: None,
+            units: HashMap::new(),
+            dialect: PgDialect,
+        }
+    }
+
+    /// The session's flags.
+    pub fn config(&self) -> SessionConfig {
+        self.config
+    }
+
+    /// Whether a transaction is open.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    pub(crate) fn unit<M: Model>(&mut self) -> &mut TableState<M> {
+        unit_of::<M>(&mut self.units)
+    }
+
+    /// Stages a new object for insertion at the next flush and returns the
+    /// handle through which it is read and changed. Values the database
+    /// generates (identity keys, server defaults) appear on it after the flush.
+    pub fn add<M: Model>(&mut self, object: M) -> Tracked<M> {
+        let tracked = Tracked::new(object, ObjectStatus::Pending);
+        self.unit::<M>().new.push(tracked.clone());
+        tracked
+    }
+
+    /// Stages several new objects, keeping their order.
+    pub fn add_all<M: Model>(&mut self, objects: impl IntoIterator<Item = M>) -> Vec<Tracked<M>> {
+        objects.into_iter().map(|o| self.add(o)).collect()
+    }
+
+    /// Marks an object for deletion at the next flush. A pending object is
+    /// simply dropped from the session; a detached one is an error.
+    pub fn delete<M: Model>(&mut self, object: &Tracked<M>) -> Result<()> {
+        let status = object.status();
+        let unit = self.unit::<M>();
+        match status {
+            ObjectStatus::Pending => {
+                unit.new.retain(|t| !t.ptr_eq(object));
+                object.meta().status = ObjectStatus::Detached;
+                Ok(())
+            }
+            ObjectStatus::Persistent => {
+                let key = unit
+                    .identity
+                    .iter()
+                    .find(|(_, t)| t.ptr_eq(object))
+                    .map(|(key, _)| key.clone())
+                    .ok_or_else(|| {
+                        Error::InvalidState(format!("this {} object belongs to another session", M::TABLE.model))
+                    })?;
+                unit.identity.remove(&key);
+                object.meta().status = ObjectStatus::Deleted;
+                unit.deleted.push((key, object.clone()));
+                Ok(())
+            }
+            ObjectStatus::Deleted => Ok(()),
+            ObjectStatus::Detached => Err(Error::InvalidState(format!(
+                "cannot delete a detached {} object; load it in this session first",
+                M::TABLE.model
+            ))),
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.failed {
+            Some(reason) => Err(Error::InvalidState(format!(
+                "this session's transaction was rolled back after an error ({reason}); call rollback() before using it again"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks out a connection if the session has none; opens the transaction
+    /// when the session is not in autocommit mode.
+    async fn connect(&mut self) -> Result<()> {
+        if self.conn.is_none() {
+            self.conn = Some(self.engine.checkout().await?);
+        }
+        if !self.config.autocommit && !self.in_transaction {
+            self.begin_on_connection().await?;
+        }
+        Ok(())
+    }
+
+    async fn begin_on_connection(&mut self) -> Result<()> {
+        self.in_transaction = true;
+        let conn = self.conn.as_ref().expect("connect() checked out a connection");
+        if let Err(error) = Executor::new(conn, self.engine.echo()).batch("BEGIN").await {
+            self.in_transaction = false;
+            self.conn = None;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Lets the connection go back to the pool when no transaction holds it.
+    fn release_if_idle(&mut self) {
+        if !self.in_transaction {
+            self.conn = None;
+        }
+    }
+
+    /// After a statement failed inside a transaction: the server has aborted
+    /// it, so end it now and refuse further work until `rollback`.
+    async fn fail_transaction(&mut self, error: &Error) {
+        if self.in_transaction {
+            if let Some(conn) = &self.conn {
+                if Executor::new(conn, self.engine.echo()).batch("ROLLBACK").await.is_err() {
+                    // The connection is unusable: never hand it back to the pool.
+                    if let Some(conn) = self.conn.take() {
+                        drop(deadpool_postgres::Object::take(conn));
+                    }
+                }
+            }
+            self.in_transaction = false;
+            self.failed = Some(error.to_string());
+        }
+        self.conn = None;
+    }
+
+    /// Opens a transaction now. In autocommit mode this starts a block that
+    /// lasts until `commit` or `rollback`; otherwise the session would open
+    /// one at its first statement anyway.
+    pub async fn begin(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.in_transaction {
+            return Err(Error::InvalidState(
+                "a transaction is already open; commit or roll it back first".into(),
+            ));
+        }
+        if self.conn.is_none() {
+            self.conn = Some(self.engine.checkout().await?);
+        }
+        self.begin_on_connection().await
+    }
+
+    /// Sends every pending change: inserts parents before children, then
+    /// updates, then deletes children before parents, each table's rows
+    /// batched into as few statements as possible. In autocommit mode the
+    /// flush is its own transaction.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if !self.units.values().any(|u| u.has_changes()) {
+            return Ok(());
+        }
+        let result = self.flush_inner().await;
+        if let Err(error) = &result {
+            self.fail_transaction(error).await;
+        }
+        result
+    }
+
+    async fn flush_inner(&mut self) -> Result<()> {
+        self.connect().await?;
+        let own_transaction = !self.in_transaction;
+        if own_transaction {
+            self.begin_on_connection().await?;
+        }
+        let Session {
+            conn,
+            units,
+            engine,
+            dialect,
+            ..
+        } = self;
+        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo());
+        let mut order: Vec<&mut Box<dyn TableUnit>> = units.values_mut().collect();
+        order.sort_by_key(|u| (flush_rank(u.table().name), u.table().name));
+        for unit in order.iter_mut() {
+            unit.flush_inserts(&exec, dialect).await?;
+        }
+        for unit in order.iter_mut() {
+            unit.flush_updates(&exec, dialect).await?;
+        }
+        for unit in order.iter_mut().rev() {
+            unit.flush_deletes(&exec, dialect).await?;
+        }
+        if own_transaction {
+            exec.batch("COMMIT").await?;
+            self.in_transaction = false;
+            self.release_if_idle();
+        }
+        Ok(())
+    }
+
+    /// Flushes, then commits the transaction and returns the connection to
+    /// the pool. With `expire_on_commit`, every object is expired: the next
+    /// `get` or query of its row reloads it.
+    pub async fn commit(&mut self) -> Result<()> {
+        self.flush().await?;
+        if self.in_transaction {
+            let conn = self.conn.as_ref().expect("a transaction has a connection");
+            if let Err(error) = Executor::new(conn, self.engine.echo()).batch("COMMIT").await {
+                self.fail_transaction(&error).await;
+                return Err(error);
+            }
+            self.in_transaction = false;
+        }
+        self.conn = None;
+        let expire = self.config.expire_on_commit;
+        for unit in self.units.values_mut() {
+            unit.after_commit(expire);
+        }
+        Ok(())
+    }
+
+    /// Rolls the transaction back and discards every staged change; the
+    /// session's objects are detached and the identity map emptied, so later
+    /// loads see the database as it is.
+    pub async fn rollback(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        if self.in_transaction {
+            if let Some(conn) = &self.conn {
+                result = Executor::new(conn, self.engine.echo()).batch("ROLLBACK").await;
+                if result.is_err() {
+                    if let Some(conn) = self.conn.take() {
+                        drop(deadpool_postgres::Object::take(conn));
+                    }
+                }
+            }
+            self.in_transaction = false;
+        }
+        self.conn = None;
+        self.failed = None;
+        for unit in self.units.values_mut() {
+            unit.discard();
+        }
+        result
+    }
+
+    /// Rolls back whatever is open, forgets every object and returns the
+    /// connection. The session can be used again afterwards.
+    pub async fn close(&mut self) -> Result<()> {
+        let result = self.rollback().await;
+        self.units.clear();
+        result
+    }
+
+    /// The object with this primary key: from the identity map when it holds
+    /// a live copy, else with one query. `None` when no such row exists.
+    pub async fn get<M: Model>(&mut self, key: M::PrimaryKey) -> Result<Option<Tracked<M>>> {
+        self.check_usable()?;
+        if let Some(tracked) = self.unit::<M>().identity.get(&key) {
+            if !tracked.meta().expired {
+                return Ok(Some(tracked.clone()));
+            }
+        }
+        let table = M::TABLE;
+        let filter = Expr::And(
+            table
+                .primary_key
+                .iter()
+                .zip(M::primary_key_params(&key))
+                .map(|(&c, param)| {
+                    Expr::Binary(
+                        Box::new(Expr::Column(ColumnRef {
+                            table: table.name,
+                            column: table.columns[c].name,
+                        })),
+                        BinaryOp::Eq,
+                        Box::new(Expr::Param(ParamValue(param))),
+                    )
+                })
+                .collect(),
+        );
+        let found = self.load::<M>(select_all::<M>(Some(filter))).await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// Reloads an object's row from the database, overwriting its value and
+    /// any unflushed change. Errors with `NotFound` when the row is gone.
+    pub async fn refresh<M: Model>(&mut self, object: &Tracked<M>) -> Result<()> {
+        let key = object.data()?.value.primary_key();
+        if let Some(existing) = self.unit::<M>().identity.get(&key) {
+            if !existing.ptr_eq(object) {
+                return Err(Error::InvalidState(format!(
+                    "this {} object is not the one this session tracks for key {key:?}",
+                    M::TABLE.model
+                )));
+            }
+        }
+        object.data_mut()?.loaded = None;
+        object.meta().expired = true;
+        match self.get::<M>(key).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound {
+                table: M::TABLE.name.to_owned(),
+            }),
+        }
+    }
+
+    /// Starts a query for objects of model `M`.
+    pub fn query<M: Model>(&mut self) -> Query<'_, M> {
+        Query::new(self)
+    }
+
+    /// Autoflushes when configured, then makes sure a connection (and, when
+    /// not in autocommit mode, a transaction) is there for a read.
+    async fn prepare_read(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.config.autoflush {
+            self.flush().await?;
+        }
+        if let Err(error) = self.connect().await {
+            self.fail_transaction(&error).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn finish_read<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(error) = &result {
+            // Errors found on this side leave the server's transaction intact.
+            let server_side = !matches!(error, Error::TypeMismatch { .. } | Error::InvalidState(_));
+            if server_side {
+                self.fail_transaction(error).await;
+            }
+        }
+        self.release_if_idle();
+        result
+    }
+
+    /// Runs a select of `M`'s columns and merges the rows into the identity map.
+    pub(crate) async fn load<M: Model>(&mut self, statement: SelectStatement) -> Result<Vec<Tracked<M>>> {
+        self.prepare_read().await?;
+        let writer = statement.render(&self.dialect);
+        let Session {
+            conn, units, engine, ..
+        } = self;
+        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo());
+        let unit = unit_of::<M>(units);
+        let mut objects = Vec::new();
+        let result = exec
+            .for_each_row(&writer.sql, &writer.params, |row| {
+                objects.push(unit.merge_loaded(M::from_row(&row)?));
+                Ok(())
+            })
+            .await;
+        self.finish_read(result.map(|()| objects)).await
+    }
+
+    /// Runs a select whose rows are returned as they are (for `count`).
+    pub(crate) async fn fetch_rows(&mut self, statement: SelectStatement) -> Result<Vec<Row>> {
+        self.prepare_read().await?;
+        let writer = statement.render(&self.dialect);
+        let exec = Executor::new(self.conn.as_ref().expect("connected"), self.engine.echo());
+        let result = exec.query(&writer.sql, &writer.params).await;
+        self.finish_read(result).await
+    }
+
+    /// Runs one SQL statement written by hand inside the session's
+    /// transaction (after an autoflush) and returns its rows.
+    pub async fn raw_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.prepare_read().await?;
+        let conn = self.conn.as_ref().expect("connected");
+        let result = Executor::new(conn, self.engine.echo()).raw_query(sql, params).await;
+        self.finish_read(result).await
+    }
+
+    /// Runs one SQL statement written by hand inside the session's
+    /// transaction (after an autoflush) and returns how many rows it changed.
+    pub async fn raw_execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.prepare_read().await?;
+        let conn = self.conn.as_ref().expect("connected");
+        let result = Executor::new(conn, self.engine.echo()).raw_execute(sql, params).await;
+        self.finish_read(result).await
+    }
+}
+
+pub(crate) fn unit_of<M: Model>(units: &mut HashMap<TypeId, Box<dyn TableUnit>>) -> &mut TableState<M> {
+    units
+        .entry(TypeId::of::<M>())
+        .or_insert_with(|| Box::new(TableState::<M>::default()))
+        .as_any_mut()
+        .downcast_mut::<TableState<M>>()
+        .expect("units are keyed by their model's TypeId")
+}
+
+/// `SELECT <every column of M> FROM <M's table> [WHERE filter]`.
+pub(crate) fn select_all<M: Model>(filter: Option<Expr>) -> SelectStatement {
+    let table = M::TABLE;
+    SelectStatement {
+        projection: table
+            .columns
+            .iter()
+            .map(|c| {
+                Expr::Column(ColumnRef {
+                    table: table.name,
+                    column: c.name,
+                })
+            })
+            .collect(),
+        from: table.name,
+        filter,
+        ..SelectStatement::default()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.in_transaction {
+                release_after_rollback(conn);
+            }
+        }
+    }
+}
+
+/// Holds a connection that must not go back to the pool inside a
+/// transaction: unless disarmed after a successful ROLLBACK, dropping it
+/// detaches the connection from the pool, which closes it, and the server
+/// then rolls back by itself.
+struct RollbackGuard(Option<deadpool_postgres::Object>);
+
+impl Drop for RollbackGuard {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
+
+fn release_after_rollback(conn: deadpool_postgres::Object) {
+    let mut guard = RollbackGuard(Some(conn));
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let rolled_back = match &guard.0 {
+                Some(conn) => conn.batch_execute("ROLLBACK").await.is_ok(),
+                None => false,
+            };
+            if rolled_back {
+                // Clean again: back to the pool.
+                drop(guard.0.take());
+            }
+        });
+    }
+    // Without a runtime the guard drops here and closes the connection.
+}

@@ -1,0 +1,542 @@
+//! The SQL AST and the dialect that renders it.
+//!
+//! Statements are plain data ([`ast`]); a [`Dialect`] walks them once and
+//! produces the SQL text and the bind list together, so the two cannot drift
+//! apart. Identifiers are quoted in exactly one place,
+//! [`Dialect::quote_identifier`]; values only ever become placeholders.
+
+pub mod ast;
+
+use std::fmt::Write;
+
+pub use ast::*;
+
+use crate::types::Param;
+
+/// Rendered SQL and the values for its placeholders, in order.
+#[derive(Default)]
+pub struct SqlWriter {
+    /// The statement's text.
+    pub sql: String,
+    /// The bound values, `$1` first.
+    pub params: Vec<Param>,
+}
+
+impl std::fmt::Debug for SqlWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlWriter")
+            .field("sql", &self.sql)
+            .field("params", &self.params.len())
+            .finish()
+    }
+}
+
+/// Renders AST nodes into SQL. Each `prepare_*` method has a default written
+/// in standard SQL; a dialect overrides only what it spells differently.
+pub trait Dialect: Send + Sync {
+    /// Writes a quoted identifier, doubling embedded quotes.
+    fn quote_identifier(&self, out: &mut String, ident: &str) {
+        out.push('"');
+        for c in ident.chars() {
+            if c == '"' {
+                out.push('"');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+
+    /// Writes the placeholder for the `index`-th (1-based) parameter.
+    fn placeholder(&self, out: &mut String, index: usize);
+
+    /// Binds a value and writes its placeholder.
+    fn prepare_param(&self, w: &mut SqlWriter, param: Param) {
+        w.params.push(param);
+        let index = w.params.len();
+        self.placeholder(&mut w.sql, index);
+    }
+
+    /// Writes a comma-separated list of quoted identifiers.
+    fn prepare_identifier_list(&self, out: &mut String, idents: &[&str]) {
+        for (i, ident) in idents.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            self.quote_identifier(out, ident);
+        }
+    }
+
+    /// Renders an expression.
+    fn prepare_expr(&self, w: &mut SqlWriter, expr: Expr) {
+        match expr {
+            Expr::Column(column) => {
+                self.quote_identifier(&mut w.sql, column.table);
+                w.sql.push('.');
+                self.quote_identifier(&mut w.sql, column.column);
+            }
+            Expr::Param(value) => self.prepare_param(w, value.0),
+            Expr::Binary(left, op, right) => {
+                self.prepare_expr(w, *left);
+                w.sql.push_str(match op {
+                    BinaryOp::Eq => " = ",
+                    BinaryOp::Ne => " <> ",
+                    BinaryOp::Lt => " < ",
+                    BinaryOp::Le => " <= ",
+                    BinaryOp::Gt => " > ",
+                    BinaryOp::Ge => " >= ",
+                    BinaryOp::Like => " LIKE ",
+                    BinaryOp::ILike => " ILIKE ",
+                });
+                self.prepare_expr(w, *right);
+            }
+            Expr::And(terms) => self.prepare_junction(w, terms, " AND ", "TRUE"),
+            Expr::Or(terms) => self.prepare_junction(w, terms, " OR ", "FALSE"),
+            Expr::Not(inner) => {
+                w.sql.push_str("NOT (");
+                self.prepare_expr(w, *inner);
+                w.sql.push(')');
+            }
+            Expr::IsNull(inner) => {
+                self.prepare_expr(w, *inner);
+                w.sql.push_str(" IS NULL");
+            }
+            Expr::IsNotNull(inner) => {
+                self.prepare_expr(w, *inner);
+                w.sql.push_str(" IS NOT NULL");
+            }
+            Expr::EqualsAny(inner, list) => {
+                self.prepare_expr(w, *inner);
+                w.sql.push_str(" = ANY(");
+                self.prepare_param(w, list.0);
+                w.sql.push(')');
+            }
+            Expr::CountStar => w.sql.push_str("count(*)"),
+        }
+    }
+
+    /// Renders `(a AND b)` or `(a OR b)`.
+    fn prepare_junction(&self, w: &mut SqlWriter, terms: Vec<Expr>, separator: &str, empty: &str) {
+        if terms.is_empty() {
+            w.sql.push_str(empty);
+            return;
+        }
+        let parenthesize = terms.len() > 1;
+        if parenthesize {
+            w.sql.push('(');
+        }
+        for (i, term) in terms.into_iter().enumerate() {
+            if i > 0 {
+                w.sql.push_str(separator);
+            }
+            self.prepare_expr(w, term);
+        }
+        if parenthesize {
+            w.sql.push(')');
+        }
+    }
+
+    /// Renders a `SELECT`.
+    fn prepare_select(&self, w: &mut SqlWriter, stmt: SelectStatement) {
+        w.sql.push_str("SELECT ");
+        for (i, expr) in stmt.projection.into_iter().enumerate() {
+            if i > 0 {
+                w.sql.push_str(", ");
+            }
+            self.prepare_expr(w, expr);
+        }
+        w.sql.push_str(" FROM ");
+        self.quote_identifier(&mut w.sql, stmt.from);
+        if let Some(filter) = stmt.filter {
+            w.sql.push_str(" WHERE ");
+            self.prepare_expr(w, filter);
+        }
+        for (i, order) in stmt.order_by.into_iter().enumerate() {
+            w.sql.push_str(if i == 0 { " ORDER BY " } else { ", " });
+            self.prepare_expr(w, order.expr);
+            w.sql.push_str(if order.descending { " DESC" } else { " ASC" });
+        }
+        if let Some(limit) = stmt.limit {
+            w.sql.push_str(" LIMIT ");
+            self.prepare_expr(w, limit);
+        }
+        if let Some(offset) = stmt.offset {
+            w.sql.push_str(" OFFSET ");
+            self.prepare_expr(w, offset);
+        }
+    }
+
+    /// Renders `unnest(...) [WITH ORDINALITY] AS alias(columns)`.
+    fn prepare_unnest(&self, w: &mut SqlWriter, source: UnnestSource) {
+        w.sql.push_str("unnest(");
+        for (i, (array, array_type)) in source.arrays.into_iter().enumerate() {
+            if i > 0 {
+                w.sql.push_str(", ");
+            }
+            self.prepare_param(w, array.0);
+            w.sql.push_str("::");
+            w.sql.push_str(array_type);
+        }
+        w.sql.push(')');
+        if source.ordinality.is_some() {
+            w.sql.push_str(" WITH ORDINALITY");
+        }
+        w.sql.push_str(" AS ");
+        self.quote_identifier(&mut w.sql, source.alias);
+        w.sql.push('(');
+        self.prepare_identifier_list(&mut w.sql, &source.columns);
+        if let Some(ordinality) = source.ordinality {
+            w.sql.push_str(", ");
+            self.quote_identifier(&mut w.sql, ordinality);
+        }
+        w.sql.push(')');
+    }
+
+    /// Renders an `INSERT`.
+    fn prepare_insert(&self, w: &mut SqlWriter, stmt: InsertStatement) {
+        w.sql.push_str("INSERT INTO ");
+        self.quote_identifier(&mut w.sql, stmt.table);
+        match stmt.source {
+            InsertSource::DefaultValues => w.sql.push_str(" DEFAULT VALUES"),
+            InsertSource::Unnest(source) => {
+                w.sql.push_str(" (");
+                self.prepare_identifier_list(&mut w.sql, &stmt.columns);
+                w.sql.push_str(") SELECT ");
+                let alias = source.alias;
+                for (i, column) in source.columns.iter().enumerate() {
+                    if i > 0 {
+                        w.sql.push_str(", ");
+                    }
+                    self.quote_identifier(&mut w.sql, alias);
+                    w.sql.push('.');
+                    self.quote_identifier(&mut w.sql, column);
+                }
+                let ordinality = source.ordinality;
+                w.sql.push_str(" FROM ");
+                self.prepare_unnest(w, source);
+                if let Some(ordinality) = ordinality {
+                    // Rows reach the table in this order, so identity values
+                    // are assigned in the order the objects were added.
+                    w.sql.push_str(" ORDER BY ");
+                    self.quote_identifier(&mut w.sql, alias);
+                    w.sql.push('.');
+                    self.quote_identifier(&mut w.sql, ordinality);
+                }
+            }
+        }
+        self.prepare_returning(w, &stmt.returning);
+    }
+
+    /// Renders `RETURNING columns` when there are any.
+    fn prepare_returning(&self, w: &mut SqlWriter, columns: &[&'static str]) {
+        if !columns.is_empty() {
+            w.sql.push_str(" RETURNING ");
+            self.prepare_identifier_list(&mut w.sql, columns);
+        }
+    }
+
+    /// Renders an `UPDATE`.
+    fn prepare_update(&self, w: &mut SqlWriter, stmt: UpdateStatement) {
+        w.sql.push_str("UPDATE ");
+        self.quote_identifier(&mut w.sql, stmt.table);
+        w.sql.push_str(" SET ");
+        for (i, (column, value)) in stmt.assignments.into_iter().enumerate() {
+            if i > 0 {
+                w.sql.push_str(", ");
+            }
+            self.quote_identifier(&mut w.sql, column);
+            w.sql.push_str(" = ");
+            self.prepare_expr(w, value);
+        }
+        if let Some(from) = stmt.from {
+            w.sql.push_str(" FROM ");
+            self.prepare_unnest(w, from);
+        }
+        if let Some(filter) = stmt.filter {
+            w.sql.push_str(" WHERE ");
+            self.prepare_expr(w, filter);
+        }
+    }
+
+    /// Renders a `DELETE`.
+    fn prepare_delete(&self, w: &mut SqlWriter, stmt: DeleteStatement) {
+        w.sql.push_str("DELETE FROM ");
+        self.quote_identifier(&mut w.sql, stmt.table);
+        if let Some(using) = stmt.using {
+            w.sql.push_str(" USING ");
+            self.prepare_unnest(w, using);
+        }
+        if let Some(filter) = stmt.filter {
+            w.sql.push_str(" WHERE ");
+            self.prepare_expr(w, filter);
+        }
+    }
+
+    /// Renders a column type.
+    fn prepare_sql_type(&self, out: &mut String, sql_type: SqlType) {
+        match sql_type {
+            SqlType::Named(name) => out.push_str(name),
+            SqlType::Varchar(length) => {
+                let _ = write!(out, "varchar({length})");
+            }
+        }
+    }
+
+    /// Renders an identity column's clause.
+    fn prepare_identity(&self, out: &mut String) {
+        out.push_str(" GENERATED BY DEFAULT AS IDENTITY");
+    }
+
+    /// Renders `CREATE TABLE`.
+    fn prepare_create_table(&self, out: &mut String, stmt: &CreateTableStatement) {
+        out.push_str("CREATE TABLE ");
+        if stmt.if_not_exists {
+            out.push_str("IF NOT EXISTS ");
+        }
+        self.quote_identifier(out, stmt.name);
+        out.push_str(" (");
+        let mut first = true;
+        for column in &stmt.columns {
+            out.push_str(if first { "\n    " } else { ",\n    " });
+            first = false;
+            self.quote_identifier(out, column.name);
+            out.push(' ');
+            self.prepare_sql_type(out, column.sql_type);
+            if column.identity {
+                self.prepare_identity(out);
+            }
+            if let Some(default) = column.default {
+                out.push_str(" DEFAULT ");
+                out.push_str(default);
+            }
+            if column.not_null {
+                out.push_str(" NOT NULL");
+            }
+        }
+        for constraint in &stmt.constraints {
+            out.push_str(",\n    ");
+            self.prepare_table_constraint(out, constraint);
+        }
+        out.push_str("\n)");
+    }
+
+    /// Renders one table constraint.
+    fn prepare_table_constraint(&self, out: &mut String, constraint: &TableConstraint) {
+        out.push_str("CONSTRAINT ");
+        match constraint {
+            TableConstraint::PrimaryKey { name, columns } => {
+                self.quote_identifier(out, name);
+                out.push_str(" PRIMARY KEY (");
+                self.prepare_identifier_list(out, columns);
+                out.push(')');
+            }
+            TableConstraint::Unique { name, columns } => {
+                self.quote_identifier(out, name);
+                out.push_str(" UNIQUE (");
+                self.prepare_identifier_list(out, columns);
+                out.push(')');
+            }
+            TableConstraint::ForeignKey {
+                name,
+                columns,
+                references,
+                referenced_columns,
+                on_delete,
+            } => {
+                self.quote_identifier(out, name);
+                out.push_str(" FOREIGN KEY (");
+                self.prepare_identifier_list(out, columns);
+                out.push_str(") REFERENCES ");
+                self.quote_identifier(out, references);
+                out.push_str(" (");
+                self.prepare_identifier_list(out, referenced_columns);
+                out.push(')');
+                out.push_str(match on_delete {
+                    ReferentialAction::NoAction => "",
+                    ReferentialAction::Restrict => " ON DELETE RESTRICT",
+                    ReferentialAction::Cascade => " ON DELETE CASCADE",
+                    ReferentialAction::SetNull => " ON DELETE SET NULL",
+                    ReferentialAction::SetDefault => " ON DELETE SET DEFAULT",
+                });
+            }
+        }
+    }
+
+    /// Renders `CREATE INDEX`.
+    fn prepare_create_index(&self, out: &mut String, stmt: &CreateIndexStatement) {
+        out.push_str(if stmt.unique {
+            "CREATE UNIQUE INDEX "
+        } else {
+            "CREATE INDEX "
+        });
+        if stmt.if_not_exists {
+            out.push_str("IF NOT EXISTS ");
+        }
+        self.quote_identifier(out, &stmt.name);
+        out.push_str(" ON ");
+        self.quote_identifier(out, stmt.table);
+        out.push_str(" (");
+        self.prepare_identifier_list(out, &stmt.columns);
+        out.push(')');
+    }
+
+    /// Renders `DROP TABLE`.
+    fn prepare_drop_table(&self, out: &mut String, stmt: &DropTableStatement) {
+        out.push_str("DROP TABLE ");
+        if stmt.if_exists {
+            out.push_str("IF EXISTS ");
+        }
+        self.quote_identifier(out, stmt.name);
+    }
+}
+
+/// PostgreSQL: `$n` placeholders, identity columns, `unnest` for batches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgDialect;
+
+impl Dialect for PgDialect {
+    fn placeholder(&self, out: &mut String, index: usize) {
+        let _ = write!(out, "${index}");
+    }
+}
+
+/// A statement the session can run: it renders into SQL plus binds.
+pub trait Statement {
+    /// Renders with `dialect`.
+    fn render(self, dialect: &dyn Dialect) -> SqlWriter;
+}
+
+macro_rules! renderable {
+    ($($stmt:ty => $method:ident),*) => {$(
+        impl Statement for $stmt {
+            fn render(self, dialect: &dyn Dialect) -> SqlWriter {
+                let mut writer = SqlWriter::default();
+                dialect.$method(&mut writer, self);
+                writer
+            }
+        }
+    )*};
+}
+
+renderable!(
+    SelectStatement => prepare_select,
+    InsertStatement => prepare_insert,
+    UpdateStatement => prepare_update,
+    DeleteStatement => prepare_delete
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(table: &'static str, column: &'static str) -> Expr {
+        Expr::Column(ColumnRef { table, column })
+    }
+
+    fn param<T: tokio_postgres::types::ToSql + Send + Sync + 'static>(value: T) -> Expr {
+        Expr::Param(ParamValue(Box::new(value)))
+    }
+
+    #[test]
+    fn identifiers_are_quoted_and_escaped() {
+        let mut out = String::new();
+        PgDialect.quote_identifier(&mut out, r#"we"ird"#);
+        assert_eq!(out, r#""we""ird""#);
+    }
+
+    #[test]
+    fn select_renders_binds_in_order() {
+        let stmt = SelectStatement {
+            projection: vec![col("users", "id"), col("users", "name")],
+            from: "users",
+            filter: Some(Expr::And(vec![
+                Expr::Binary(
+                    Box::new(col("users", "name")),
+                    BinaryOp::Eq,
+                    Box::new(param("sandy".to_owned())),
+                ),
+                Expr::Or(vec![
+                    Expr::IsNull(Box::new(col("users", "email"))),
+                    Expr::Binary(Box::new(col("users", "id")), BinaryOp::Gt, Box::new(param(3i64))),
+                ]),
+            ])),
+            order_by: vec![OrderExpr {
+                expr: col("users", "id"),
+                descending: true,
+            }],
+            limit: Some(param(10i64)),
+            offset: Some(param(5i64)),
+        };
+        let out = stmt.render(&PgDialect);
+        assert_eq!(
+            out.sql,
+            r#"SELECT "users"."id", "users"."name" FROM "users" WHERE ("users"."name" = $1 AND ("users"."email" IS NULL OR "users"."id" > $2)) ORDER BY "users"."id" DESC LIMIT $3 OFFSET $4"#
+        );
+        assert_eq!(out.params.len(), 4);
+    }
+
+    #[test]
+    fn insert_from_unnest_keeps_order() {
+        let stmt = InsertStatement {
+            table: "users",
+            columns: vec!["name", "email"],
+            source: InsertSource::Unnest(UnnestSource {
+                alias: "v",
+                arrays: vec![
+                    (ParamValue(Box::new(vec!["a".to_owned()])), "text[]"),
+                    (ParamValue(Box::new(vec![Some("b".to_owned())])), "text[]"),
+                ],
+                columns: vec!["name", "email"],
+                ordinality: Some("ord"),
+            }),
+            returning: vec!["id"],
+        };
+        assert_eq!(
+            stmt.render(&PgDialect).sql,
+            r#"INSERT INTO "users" ("name", "email") SELECT "v"."name", "v"."email" FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS "v"("name", "email", "ord") ORDER BY "v"."ord" RETURNING "id""#
+        );
+    }
+
+    #[test]
+    fn update_and_delete_join_unnest() {
+        let update = UpdateStatement {
+            table: "users",
+            assignments: vec![("name", col("v", "name"))],
+            from: Some(UnnestSource {
+                alias: "v",
+                arrays: vec![
+                    (ParamValue(Box::new(vec![1i64])), "int8[]"),
+                    (ParamValue(Box::new(vec!["x".to_owned()])), "text[]"),
+                ],
+                columns: vec!["id", "name"],
+                ordinality: None,
+            }),
+            filter: Some(Expr::Binary(
+                Box::new(col("users", "id")),
+                BinaryOp::Eq,
+                Box::new(col("v", "id")),
+            )),
+        };
+        assert_eq!(
+            update.render(&PgDialect).sql,
+            r#"UPDATE "users" SET "name" = "v"."name" FROM unnest($1::int8[], $2::text[]) AS "v"("id", "name") WHERE "users"."id" = "v"."id""#
+        );
+        let delete = DeleteStatement {
+            table: "users",
+            using: Some(UnnestSource {
+                alias: "v",
+                arrays: vec![(ParamValue(Box::new(vec![1i64])), "int8[]")],
+                columns: vec!["id"],
+                ordinality: None,
+            }),
+            filter: Some(Expr::Binary(
+                Box::new(col("users", "id")),
+                BinaryOp::Eq,
+                Box::new(col("v", "id")),
+            )),
+        };
+        assert_eq!(
+            delete.render(&PgDialect).sql,
+            r#"DELETE FROM "users" USING unnest($1::int8[]) AS "v"("id") WHERE "users"."id" = "v"."id""#
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! Rust ↔ PostgreSQL column types.
+//!
+//! | Rust        | PostgreSQL                                  |
+//! |-------------|---------------------------------------------|
+//! | `i16`       | `smallint`                                  |
+//! | `i32`       | `integer`                                   |
+//! | `i64`       | `bigint`                                    |
+//! | `f32`       | `real`                                      |
+//! | `f64`       | `double precision`                          |
+//! | `bool`      | `boolean`                                   |
+//! | `String`    | `text`, or `varchar(n)` with `length = n`   |
+//! | `Vec<u8>`   | `bytea`                                     |
+//! | `Option<T>` | the same type, nullable                     |
+//!
+//! Every other field type is a compile error on the field. Values travel as
+//! bind parameters through `postgres-types`' `ToSql`/`FromSql`.
+
+use tokio_postgres::types::{FromSql, ToSql};
+
+/// A bound parameter: any value the driver can encode, owned.
+pub type Param = Box<dyn ToSql + Send + Sync>;
+
+/// A Rust type that can be a model field, and so a column.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a column type",
+    label = "unsupported column type",
+    note = "supported column types: i16, i32, i64, f32, f64, bool, String, Vec<u8>, and Option<T> of these; use #[orm(skip)] for fields that are not columns"
+)]
+pub trait ColumnType: ToSql + for<'a> FromSql<'a> + Clone + PartialEq + Send + Sync + 'static {
+    /// The PostgreSQL type used in `CREATE TABLE`.
+    const SQL_TYPE: &'static str;
+    /// The PostgreSQL array type used to bind many values of the column at once.
+    const ARRAY_TYPE: &'static str;
+    /// Whether the column accepts NULL (true for `Option<T>`).
+    const NULLABLE: bool;
+
+    /// True when the value is SQL NULL; a column with a server default is
+    /// left to the database when its field holds NULL on insert.
+    fn is_null(&self) -> bool {
+        false
+    }
+
+    /// Collects one column of many rows into an array parameter.
+    fn to_array<'a, I>(values: I) -> Param
+    where
+        I: Iterator<Item = &'a Self>,
+        Self: 'a,
+    {
+        Box::new(values.cloned().collect::<Vec<Self>>())
+    }
+}
+
+/// A column type that can never be NULL; primary keys must have one.
+#[diagnostic::on_unimplemented(
+    message = "primary key column has the nullable type `{Self}`",
+    label = "a primary key cannot be NULL",
+    note = "use the inner type instead of Option<T>"
+)]
+pub trait NotNullColumnType: ColumnType {}
+
+/// Integer types that PostgreSQL can generate as an identity column.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an identity column",
+    label = "identity/autoincrement needs an integer type",
+    note = "use i16, i32 or i64"
+)]
+pub trait IdentityColumnType: NotNullColumnType {
+    /// True when the field holds the "not assigned yet" value, zero: the
+    /// database then assigns the key on insert.
+    fn is_unassigned(&self) -> bool;
+}
+
+/// Text types, the only ones that accept `length = n`.
+#[diagnostic::on_unimplemented(
+    message = "`length` needs a text column, not `{Self}`",
+    label = "length applies to String or Option<String>"
+)]
+pub trait TextColumnType: ColumnType {}
+
+macro_rules! column_types {
+    ($($rust:ty => $sql:literal, $array:literal;)*) => {$(
+        impl ColumnType for $rust {
+            const SQL_TYPE: &'static str = $sql;
+            const ARRAY_TYPE: &'static str = $array;
+            const NULLABLE: bool = false;
+        }
+        impl NotNullColumnType for $rust {}
+        impl ColumnType for Option<$rust> {
+            const SQL_TYPE: &'static str = $sql;
+            const ARRAY_TYPE: &'static str = $array;
+            const NULLABLE: bool = true;
+            fn is_null(&self) -> bool {
+                self.is_none()
+            }
+        }
+        impl IntoValue<$rust> for $rust {
+            fn into_value(self) -> $rust {
+                self
+            }
+        }
+        impl IntoValue<Option<$rust>> for $rust {
+            fn into_value(self) -> Option<$rust> {
+                Some(self)
+            }
+        }
+        impl IntoValue<Option<$rust>> for Option<$rust> {
+            fn into_value(self) -> Option<$rust> {
+                self
+            }
+        }
+    )*};
+}
+
+column_types! {
+    i16 => "smallint", "int2[]";
+    i32 => "integer", "int4[]";
+    i64 => "bigint", "int8[]";
+    f32 => "real", "float4[]";
+    f64 => "double precision", "float8[]";
+    bool => "boolean", "bool[]";
+    // Arrays of text, not varchar(n): an explicit cast to varchar(n) truncates
+    // silently, while the assignment cast on insert rejects overlong values.
+    String => "text", "text[]";
+    Vec<u8> => "bytea", "bytea[]";
+}
+
+macro_rules! identity_types {
+    ($($rust:ty),*) => {$(
+        impl IdentityColumnType for $rust {
+            fn is_unassigned(&self) -> bool {
+                *self == 0
+            }
+        }
+    )*};
+}
+identity_types!(i16, i32, i64);
+
+impl TextColumnType for String {}
+impl TextColumnType for Option<String> {}
+
+/// A Rust value that may be compared with, or assigned to, a column of type `T`.
+///
+/// `User::name.eq("sandy")` compiles because `&str: IntoValue<String>`;
+/// `User::id.eq("sandy")` does not, because `&str` is no `IntoValue<i64>`.
+#[diagnostic::on_unimplemented(
+    message = "a `{Self}` cannot be compared with a column of type `{T}`",
+    label = "expected a value of the column's type `{T}`"
+)]
+pub trait IntoValue<T> {
+    /// Converts into the column's Rust type.
+    fn into_value(self) -> T;
+}
+
+impl IntoValue<String> for &str {
+    fn into_value(self) -> String {
+        self.to_owned()
+    }
+}
+
+impl IntoValue<Option<String>> for &str {
+    fn into_value(self) -> Option<String> {
+        Some(self.to_owned())
+    }
+}
+
+impl IntoValue<String> for &String {
+    fn into_value(self) -> String {
+        self.clone()
+    }
+}
+
+impl IntoValue<Vec<u8>> for &[u8] {
+    fn into_value(self) -> Vec<u8> {
+        self.to_vec()
+    }
+}

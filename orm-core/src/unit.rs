@@ -1,0 +1,406 @@
+//! The unit of work for one model: its identity map and its pending
+//! inserts and deletes, and how they become batched statements.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+
+use crate::engine::Executor;
+use crate::error::{Error, Result};
+use crate::model::{Model, TableDef};
+use crate::sql::{
+    BinaryOp, ColumnRef, DeleteStatement, Dialect, Expr, InsertSource, InsertStatement, ParamValue, Statement,
+    UnnestSource, UpdateStatement,
+};
+use crate::tracked::{ObjectStatus, Tracked};
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The alias of the `unnest` rows in batched statements.
+const ROWS: &str = "orm_rows";
+/// The ordinal column of those rows.
+const ORDINAL: &str = "orm_ordinal";
+
+/// What the session needs from a model's unit of work without knowing the model.
+pub(crate) trait TableUnit: Send + Sync {
+    fn table(&self) -> &'static TableDef;
+    fn has_changes(&self) -> bool;
+    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
+    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
+    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
+    /// After a commit: optionally mark every object expired.
+    fn after_commit(&mut self, expire: bool);
+    /// After a rollback or close: forget everything, detaching the objects.
+    fn discard(&mut self);
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+pub(crate) struct TableState<M: Model> {
+    pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>>,
+    pub(crate) new: Vec<Tracked<M>>,
+    pub(crate) deleted: Vec<(M::PrimaryKey, Tracked<M>)>,
+}
+
+impl<M: Model> Default for TableState<M> {
+    fn default() -> Self {
+        TableState {
+            identity: HashMap::new(),
+            new: Vec::new(),
+            deleted: Vec::new(),
+        }
+    }
+}
+
+impl<M: Model> TableState<M> {
+    /// Puts a freshly loaded object into the identity map, or returns the
+    /// object already there for that key. An expired object takes the fresh
+    /// state; a live one keeps its own (it may hold unflushed changes).
+    pub(crate) fn merge_loaded(&mut self, value: M) -> Tracked<M> {
+        let key = value.primary_key();
+        if let Some(existing) = self.identity.get(&key) {
+            let mut meta = existing.meta();
+            if meta.expired {
+                // If the caller still borrows the object, it stays expired
+                // and is refreshed by a later load instead.
+                if let Ok(mut data) = existing.data_mut() {
+                    data.value = value;
+                    data.loaded = None;
+                    meta.expired = false;
+                }
+            }
+            drop(meta);
+            return existing.clone();
+        }
+        let tracked = Tracked::new(value, ObjectStatus::Persistent);
+        self.identity.insert(key, tracked.clone());
+        tracked
+    }
+
+    /// Changed columns of every persistent object with changes, grouped by
+    /// the set of changed columns, so each group is one UPDATE.
+    fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<Tracked<M>>>> {
+        let table = M::TABLE;
+        let mut groups: BTreeMap<Vec<usize>, Vec<Tracked<M>>> = BTreeMap::new();
+        for (key, tracked) in &self.identity {
+            let data = tracked.data()?;
+            let Some(loaded) = &data.loaded else { continue };
+            let changed: Vec<usize> = (0..table.columns.len())
+                .filter(|&c| data.value.column_differs(loaded, c))
+                .collect();
+            drop(data);
+            if changed.is_empty() {
+                // Borrowed mutably but left as it was: nothing to send. While
+                // the caller still reads it, the check simply runs again later.
+                if let Ok(mut data) = tracked.data_mut() {
+                    data.loaded = None;
+                }
+                continue;
+            }
+            if let Some(&pk) = changed.iter().find(|&&c| table.columns[c].primary_key) {
+                return Err(Error::InvalidState(format!(
+                    "the primary key column {}.{} of the object with key {key:?} was changed; \
+                     delete the object and add a new one instead",
+                    table.name, table.columns[pk].name
+                )));
+            }
+            groups.entry(changed).or_default().push(tracked.clone());
+        }
+        Ok(groups)
+    }
+}
+
+fn unnest<M: Model>(objects: &[&M], columns: &[usize], ordinality: bool) -> UnnestSource {
+    let table = M::TABLE;
+    UnnestSource {
+        alias: ROWS,
+        arrays: columns
+            .iter()
+            .map(|&c| (ParamValue(M::column_array(objects, c)), table.columns[c].array_type))
+            .collect(),
+        columns: columns.iter().map(|&c| table.columns[c].name).collect(),
+        ordinality: ordinality.then_some(ORDINAL),
+    }
+}
+
+/// `"table"."pk" = "orm_rows"."pk" AND ...`
+fn join_on_primary_key(table: &'static TableDef) -> Expr {
+    Expr::And(
+        table
+            .primary_key
+            .iter()
+            .map(|&c| {
+                let column = table.columns[c].name;
+                Expr::Binary(
+                    Box::new(Expr::Column(ColumnRef {
+                        table: table.name,
+                        column,
+                    })),
+                    BinaryOp::Eq,
+                    Box::new(Expr::Column(ColumnRef { table: ROWS, column })),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Reads an integer column of any width, for ordering generated keys.
+fn integer_at(row: &Row, index: usize) -> Option<i64> {
+    let column_type = row.columns().get(index)?.type_();
+    if *column_type == Type::INT2 {
+        row.try_get::<_, i16>(index).ok().map(i64::from)
+    } else if *column_type == Type::INT4 {
+        row.try_get::<_, i32>(index).ok().map(i64::from)
+    } else {
+        row.try_get::<_, i64>(index).ok()
+    }
+}
+
+impl<M: Model> TableState<M> {
+    async fn insert_group(
+        &mut self,
+        exec: &Executor<'_>,
+        dialect: &dyn Dialect,
+        omitted: Vec<usize>,
+        objects: Vec<Tracked<M>>,
+    ) -> Result<()> {
+        let table = M::TABLE;
+        let explicit: Vec<usize> = (0..table.columns.len()).filter(|c| !omitted.contains(c)).collect();
+        let identity = table.identity_column().filter(|c| omitted.contains(c));
+        // Returned rows are matched to objects by the generated identity
+        // value, or else by the primary key, so RETURNING carries the key.
+        let mut returning: Vec<usize> = omitted.clone();
+        if !omitted.is_empty() && identity.is_none() {
+            returning.extend(table.primary_key.iter().copied().filter(|c| !omitted.contains(c)));
+        }
+        let returning_names: Vec<&'static str> = returning.iter().map(|&c| table.columns[c].name).collect();
+
+        if explicit.is_empty() {
+            // Every column comes from a default: one DEFAULT VALUES row each.
+            for object in &objects {
+                let writer = InsertStatement {
+                    table: table.name,
+                    columns: Vec::new(),
+                    source: InsertSource::DefaultValues,
+                    returning: returning_names.clone(),
+                }
+                .render(dialect);
+                let rows = exec.query(&writer.sql, &writer.params).await?;
+                let row = rows.first().ok_or_else(|| Error::NotFound {
+                    table: table.name.to_owned(),
+                })?;
+                object.data_mut()?.value.set_from_row(row, &returning)?;
+            }
+            return self.mark_inserted(objects);
+        }
+
+        let source = {
+            let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
+            let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
+            unnest(&values, &explicit, identity.is_some())
+        };
+        let writer = InsertStatement {
+            table: table.name,
+            columns: source.columns.clone(),
+            source: InsertSource::Unnest(source),
+            returning: returning_names,
+        }
+        .render(dialect);
+
+        if returning.is_empty() {
+            let inserted = exec.execute(&writer.sql, &writer.params).await?;
+            check_count(table, "insert", objects.len(), inserted)?;
+            return self.mark_inserted(objects);
+        }
+
+        let rows = exec.query(&writer.sql, &writer.params).await?;
+        check_count(table, "insert", objects.len(), rows.len() as u64)?;
+        if let Some(identity) = identity {
+            // Rows were inserted in the objects' order (ORDER BY ordinal), and
+            // identity values grow in insertion order: sorting the returned
+            // rows by the generated key lines them up with the objects.
+            let position = returning.iter().position(|&c| c == identity).unwrap_or(0);
+            let mut keyed: Vec<(i64, &Row)> = rows
+                .iter()
+                .map(|row| (integer_at(row, position).unwrap_or(i64::MAX), row))
+                .collect();
+            keyed.sort_by_key(|(key, _)| *key);
+            for (object, (_, row)) in objects.iter().zip(keyed) {
+                object.data_mut()?.value.set_from_row(row, &returning)?;
+            }
+        } else {
+            let mut index: HashMap<M::PrimaryKey, usize> = HashMap::with_capacity(objects.len());
+            for (i, object) in objects.iter().enumerate() {
+                index.insert(object.data()?.value.primary_key(), i);
+            }
+            let mut probe = objects[0].data()?.value.clone();
+            for row in &rows {
+                probe.set_from_row(row, &returning)?;
+                let &i = index.get(&probe.primary_key()).ok_or_else(|| {
+                    Error::InvalidState(format!("{} returned a key the session did not insert", table.name))
+                })?;
+                objects[i].data_mut()?.value.set_from_row(row, &returning)?;
+            }
+        }
+        self.mark_inserted(objects)
+    }
+
+    fn mark_inserted(&mut self, objects: Vec<Tracked<M>>) -> Result<()> {
+        for object in objects {
+            let key = {
+                let mut data = object.data_mut()?;
+                data.loaded = None;
+                data.value.primary_key()
+            };
+            object.meta().status = ObjectStatus::Persistent;
+            self.identity.insert(key, object);
+        }
+        Ok(())
+    }
+}
+
+fn check_count(table: &'static TableDef, operation: &'static str, expected: usize, actual: u64) -> Result<()> {
+    if actual == expected as u64 {
+        Ok(())
+    } else {
+        Err(Error::StaleData {
+            table: table.name.to_owned(),
+            operation,
+            expected: expected as u64,
+            actual,
+        })
+    }
+}
+
+impl<M: Model> TableUnit for TableState<M> {
+    fn table(&self) -> &'static TableDef {
+        M::TABLE
+    }
+
+    fn has_changes(&self) -> bool {
+        !self.new.is_empty()
+            || !self.deleted.is_empty()
+            || self
+                .identity
+                .values()
+                .any(|t| t.data().map_or(true, |d| d.loaded.is_some()))
+    }
+
+    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.new.is_empty() {
+                return Ok(());
+            }
+            // Objects whose unset columns differ need different column lists:
+            // one statement per distinct list, objects keeping their order.
+            let mut groups: Vec<(Vec<usize>, Vec<Tracked<M>>)> = Vec::new();
+            let columns = M::TABLE.columns.len();
+            for object in std::mem::take(&mut self.new) {
+                let omitted: Vec<usize> = {
+                    let data = object.data()?;
+                    (0..columns).filter(|&c| data.value.column_is_unset(c)).collect()
+                };
+                match groups.iter_mut().find(|(key, _)| *key == omitted) {
+                    Some((_, members)) => members.push(object),
+                    None => groups.push((omitted, vec![object])),
+                }
+            }
+            for (omitted, objects) in groups {
+                self.insert_group(exec, dialect, omitted, objects).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let table = M::TABLE;
+            for (changed, objects) in self.dirty_groups()? {
+                let writer = {
+                    let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
+                    let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
+                    let columns: Vec<usize> = table.primary_key.iter().chain(&changed).copied().collect();
+                    UpdateStatement {
+                        table: table.name,
+                        assignments: changed
+                            .iter()
+                            .map(|&c| {
+                                let column = table.columns[c].name;
+                                (column, Expr::Column(ColumnRef { table: ROWS, column }))
+                            })
+                            .collect(),
+                        from: Some(unnest(&values, &columns, false)),
+                        filter: Some(join_on_primary_key(table)),
+                    }
+                    .render(dialect)
+                };
+                let updated = exec.execute(&writer.sql, &writer.params).await?;
+                check_count(table, "update", objects.len(), updated)?;
+                for object in objects {
+                    object.data_mut()?.loaded = None;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.deleted.is_empty() {
+                return Ok(());
+            }
+            let table = M::TABLE;
+            let deleted = std::mem::take(&mut self.deleted);
+            let writer = {
+                let states = deleted.iter().map(|(_, o)| o.data()).collect::<Result<Vec<_>>>()?;
+                // The key the row was loaded with, not a value edited since.
+                let values: Vec<&M> = states.iter().map(|s| s.loaded.as_ref().unwrap_or(&s.value)).collect();
+                DeleteStatement {
+                    table: table.name,
+                    using: Some(unnest(&values, table.primary_key, false)),
+                    filter: Some(join_on_primary_key(table)),
+                }
+                .render(dialect)
+            };
+            let removed = exec.execute(&writer.sql, &writer.params).await?;
+            check_count(table, "delete", deleted.len(), removed)?;
+            for (_, object) in deleted {
+                object.meta().status = ObjectStatus::Deleted;
+                if let Ok(mut data) = object.data_mut() {
+                    data.loaded = None;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn after_commit(&mut self, expire: bool) {
+        if expire {
+            for tracked in self.identity.values() {
+                tracked.meta().expired = true;
+            }
+        }
+    }
+
+    fn discard(&mut self) {
+        let detach = |tracked: &Tracked<M>| {
+            tracked.meta().status = ObjectStatus::Detached;
+            if let Ok(mut data) = tracked.data_mut() {
+                data.loaded = None;
+            }
+        };
+        self.identity.values().for_each(detach);
+        self.new.iter().for_each(detach);
+        self.deleted.iter().for_each(|(_, t)| detach(t));
+        self.identity.clear();
+        self.new.clear();
+        self.deleted.clear();
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,269 @@
+//! Generate: [`Model`] → the trait impl, the column handles, the type
+//! assertions and the registration with the declarative base.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use crate::model::{Column, Model, OnDelete};
+
+pub(crate) fn expand_model(model: &Model<'_>) -> TokenStream {
+    let assertions = expand_assertions(model);
+    let handles = expand_column_handles(model);
+    let model_impl = expand_model_impl(model);
+    let registration = expand_registration(model);
+    quote! {
+        #assertions
+        #handles
+        #model_impl
+        #registration
+    }
+}
+
+/// Type checks the macro cannot make itself, each spanned on the field's
+/// type so the compiler's message points there.
+fn expand_assertions(model: &Model<'_>) -> TokenStream {
+    let krate = &model.krate;
+    let mut checks = Vec::new();
+    for column in &model.columns {
+        let ty = column.ty;
+        checks.push(quote_spanned!(ty.span()=> #krate::__private::assert_column_type::<#ty>();));
+        if column.primary_key {
+            checks.push(quote_spanned!(ty.span()=> #krate::__private::assert_primary_key_type::<#ty>();));
+        }
+        if column.identity {
+            checks.push(quote_spanned!(ty.span()=> #krate::__private::assert_identity_type::<#ty>();));
+        }
+        if let Some((_, span)) = column.length {
+            checks.push(quote_spanned!(span=> #krate::__private::assert_text_type::<#ty>();));
+        }
+        if let Some(fk) = &column.foreign_key {
+            let path = &fk.path;
+            checks.push(quote_spanned!(path.span()=> #krate::__private::assert_foreign_key_type::<#ty, _, _>(#path);));
+        }
+    }
+    quote! {
+        const _: () = {
+            #[allow(dead_code, clippy::all)]
+            fn __orm_type_assertions() {
+                #(#checks)*
+            }
+        };
+    }
+}
+
+fn expand_column_handles(model: &Model<'_>) -> TokenStream {
+    let krate = &model.krate;
+    let ident = model.ident;
+    let handles = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        let ty = column.ty;
+        let name = &column.name;
+        let doc = format!("The column `{}.{}`, for filters and ordering.", model.table, name);
+        quote! {
+            #[doc = #doc]
+            pub const #field: #krate::Column<#ident, #ty> = #krate::Column::new(#position, #name);
+        }
+    });
+    quote! {
+        #[allow(non_upper_case_globals)]
+        impl #ident {
+            #(#handles)*
+        }
+    }
+}
+
+fn on_delete_tokens(krate: &syn::Path, on_delete: OnDelete) -> TokenStream {
+    let variant = match on_delete {
+        OnDelete::NoAction => quote!(NoAction),
+        OnDelete::Restrict => quote!(Restrict),
+        OnDelete::Cascade => quote!(Cascade),
+        OnDelete::SetNull => quote!(SetNull),
+        OnDelete::SetDefault => quote!(SetDefault),
+    };
+    quote!(#krate::__private::ReferentialAction::#variant)
+}
+
+fn expand_column_def(krate: &syn::Path, column: &Column<'_>) -> TokenStream {
+    let ty = column.ty;
+    let name = &column.name;
+    let field = column.ident.to_string();
+    let primary_key = column.primary_key;
+    let identity = column.identity;
+    let unique = column.unique;
+    let index = column.index;
+    let default = match &column.default {
+        Some(sql) => quote!(::core::option::Option::Some(#sql)),
+        None => quote!(::core::option::Option::None),
+    };
+    let length = match column.length {
+        Some((n, _)) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    };
+    let foreign_key = match &column.foreign_key {
+        Some(fk) => {
+            let target = &fk.model;
+            let path = &fk.path;
+            let on_delete = on_delete_tokens(krate, fk.on_delete);
+            quote!(::core::option::Option::Some(#krate::ForeignKeyDef {
+                target: || <#target as #krate::Model>::TABLE,
+                column: #path.name,
+                on_delete: #on_delete,
+            }))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    quote! {
+        #krate::ColumnDef {
+            name: #name,
+            field: #field,
+            sql_type: <#ty as #krate::ColumnType>::SQL_TYPE,
+            array_type: <#ty as #krate::ColumnType>::ARRAY_TYPE,
+            nullable: <#ty as #krate::ColumnType>::NULLABLE,
+            primary_key: #primary_key,
+            identity: #identity,
+            unique: #unique,
+            index: #index,
+            default: #default,
+            length: #length,
+            foreign_key: #foreign_key,
+        }
+    }
+}
+
+fn expand_model_impl(model: &Model<'_>) -> TokenStream {
+    let krate = &model.krate;
+    let ident = model.ident;
+    let table = &model.table;
+    let model_name = ident.to_string();
+    let column_defs = model.columns.iter().map(|c| expand_column_def(krate, c));
+    let primary_key = model.primary_key();
+    let pk_positions = primary_key.iter().map(|(i, _)| *i);
+    let pk_types: Vec<_> = primary_key.iter().map(|(_, c)| c.ty).collect();
+    let pk_fields: Vec<_> = primary_key.iter().map(|(_, c)| c.ident).collect();
+    let (pk_type, pk_value, pk_params) = if primary_key.len() == 1 {
+        let ty = pk_types[0];
+        let field = pk_fields[0];
+        (
+            quote!(#ty),
+            quote!(::core::clone::Clone::clone(&self.#field)),
+            quote!(::std::vec![::std::boxed::Box::new(::core::clone::Clone::clone(key)) as #krate::Param]),
+        )
+    } else {
+        let indexes = (0..primary_key.len()).map(syn::Index::from);
+        (
+            quote!((#(#pk_types,)*)),
+            quote!((#(::core::clone::Clone::clone(&self.#pk_fields),)*)),
+            quote!(
+                ::std::vec![#(::std::boxed::Box::new(::core::clone::Clone::clone(&key.#indexes)) as #krate::Param),*]
+            ),
+        )
+    };
+
+    let decode_fields = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        quote!(#field: #krate::__private::decode_column(row, #position, Self::TABLE, #position)?,)
+    });
+    let skipped = model
+        .skipped
+        .iter()
+        .map(|field| quote!(#field: ::core::default::Default::default(),));
+    let set_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        quote!(#position => self.#field = #krate::__private::decode_column(row, index, Self::TABLE, #position)?,)
+    });
+    let array_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        let ty = column.ty;
+        quote!(#position => <#ty as #krate::ColumnType>::to_array(objects.iter().map(|object| &object.#field)),)
+    });
+    let differs_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        quote!(#position => self.#field != other.#field,)
+    });
+    let unset_arms = model.columns.iter().enumerate().filter_map(|(position, column)| {
+        let field = column.ident;
+        let ty = column.ty;
+        if column.identity {
+            Some(quote!(#position => <#ty as #krate::__private::IdentityColumnType>::is_unassigned(&self.#field),))
+        } else if column.default.is_some() {
+            Some(quote!(#position => <#ty as #krate::ColumnType>::is_null(&self.#field),))
+        } else {
+            None
+        }
+    });
+    let row = format_ident!("row");
+
+    quote! {
+        impl #krate::Model for #ident {
+            type PrimaryKey = #pk_type;
+
+            const TABLE: &'static #krate::TableDef = &#krate::TableDef {
+                name: #table,
+                model: #model_name,
+                columns: &[#(#column_defs),*],
+                primary_key: &[#(#pk_positions),*],
+            };
+
+            fn primary_key(&self) -> Self::PrimaryKey {
+                #pk_value
+            }
+
+            fn primary_key_params(key: &Self::PrimaryKey) -> ::std::vec::Vec<#krate::Param> {
+                #pk_params
+            }
+
+            fn from_row(#row: &#krate::__private::Row) -> #krate::Result<Self> {
+                ::core::result::Result::Ok(#ident {
+                    #(#decode_fields)*
+                    #(#skipped)*
+                })
+            }
+
+            fn set_from_row(&mut self, #row: &#krate::__private::Row, columns: &[usize]) -> #krate::Result<()> {
+                for (index, column) in columns.iter().enumerate() {
+                    match *column {
+                        #(#set_arms)*
+                        _ => {}
+                    }
+                }
+                ::core::result::Result::Ok(())
+            }
+
+            fn column_array(objects: &[&Self], column: usize) -> #krate::Param {
+                match column {
+                    #(#array_arms)*
+                    _ => #krate::__private::no_such_column(Self::TABLE, column),
+                }
+            }
+
+            fn column_differs(&self, other: &Self, column: usize) -> bool {
+                match column {
+                    #(#differs_arms)*
+                    _ => false,
+                }
+            }
+
+            fn column_is_unset(&self, column: usize) -> bool {
+                match column {
+                    #(#unset_arms)*
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+fn expand_registration(model: &Model<'_>) -> TokenStream {
+    let krate = &model.krate;
+    let ident = model.ident;
+    let base = &model.base;
+    quote! {
+        #krate::__private::inventory::submit! {
+            #krate::__private::Registration {
+                base: #krate::__private::base_id::<#base>,
+                table: <#ident as #krate::Model>::TABLE,
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The test harness: one server for the whole run, one fresh database per test.
+
+use std::sync::{Arc, Mutex};
+
+use orm::dev::{DevServer, TestDatabase};
+use orm::Engine;
+use tokio::sync::OnceCell;
+
+static SERVER: OnceCell<DevServer> = OnceCell::const_new();
+
+/// The server every test uses: `DATABASE_URL`, the local default, or a
+/// throwaway cluster (stopped by its watchdog when the test process exits).
+pub async fn server() -> &'static DevServer {
+    SERVER
+        .get_or_init(|| async { DevServer::start().await.expect("a PostgreSQL server for the tests") })
+        .await
+}
+
+/// A fresh database, dropped when this value is.
+pub struct TestDb {
+    pub engine: Engine,
+    pub database: TestDatabase,
+}
+
+impl TestDb {
+    pub fn url(&self) -> &str {
+        self.database.url()
+    }
+
+    /// Runs plain SQL on a connection of its own (outside any session).
+    pub async fn execute(&self, sql: &str) {
+        let conn = self.engine.connect().await.expect("connect");
+        conn.raw_batch(sql).await.expect(sql);
+    }
+
+    /// A single bigint value from a query run outside any session.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let conn = self.engine.connect().await.expect("connect");
+        let rows = conn.raw_query(sql, &[]).await.expect(sql);
+        rows[0].get(0)
+    }
+
+    /// Rows of one text column, from a query run outside any session.
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        let conn = self.engine.connect().await.expect("connect");
+        let rows = conn.raw_query(sql, &[]).await.expect(sql);
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+}
+
+pub async fn test_db() -> TestDb {
+    test_db_with(|builder| builder).await
+}
+
+pub async fn test_db_with(configure: impl FnOnce(orm::EngineBuilder) -> orm::EngineBuilder) -> TestDb {
+    let database = TestDatabase::create(server().await)
+        .await
+        .expect("create test database");
+    let engine = configure(Engine::builder(database.url()).echo(true))
+        .build()
+        .expect("engine");
+    TestDb { engine, database }
+}
+
+/// Records the SQL of every `orm::echo` event on this thread while alive.
+/// Tests run on tokio's current-thread runtime, so the session's work
+/// happens on this thread.
+pub struct EchoCapture {
+    statements: Arc<Mutex<Vec<Echoed>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl EchoCapture {
+    pub fn start() -> Self {
+        let statements = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = Recorder {
+            statements: Arc::clone(&statements),
+        };
+        EchoCapture {
+            statements,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// SQL of the statements seen so far, emptying the record.
+    pub fn take(&self) -> Vec<String> {
+        self.take_events().into_iter().map(|e| e.sql).collect()
+    }
+
+    /// Everything recorded so far, emptying the record.
+    pub fn take_events(&self) -> Vec<Echoed> {
+        std::mem::take(&mut *self.statements.lock().unwrap())
+    }
+}
+
+/// One `orm::echo` event.
+#[derive(Debug, Default)]
+pub struct Echoed {
+    pub sql: String,
+    pub params: Option<u64>,
+    pub elapsed_us: Option<u64>,
+}
+
+struct Recorder {
+    statements: Arc<Mutex<Vec<Echoed>>>,
+}
+
+struct SqlField<'a>(&'a mut Echoed);
+
+impl tracing::field::Visit for SqlField<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "sql" {
+            self.0.sql = value.to_owned();
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        match field.name() {
+            "params" => self.0.params = Some(value),
+            "elapsed_us" => self.0.elapsed_us = Some(value),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl tracing::Subscriber for Recorder {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target() == "orm::echo"
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut echoed = Echoed::default();
+        event.record(&mut SqlField(&mut echoed));
+        self.statements.lock().unwrap().push(echoed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}

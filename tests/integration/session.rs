@@ -1,0 +1,544 @@
+use orm::prelude::*;
+
+use crate::common::EchoCapture;
+use crate::models::{setup, Author, Book, Membership, Post, User};
+
+#[tokio::test]
+async fn add_and_commit_assigns_keys_and_server_defaults() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    let mut patrick = User::new("patrick");
+    patrick.role = Some("admin".into());
+    patrick.active = Some(false);
+    let patrick = session.add(patrick);
+    assert_eq!(sandy.status(), ObjectStatus::Pending);
+    session.commit().await.unwrap();
+
+    assert_eq!(sandy.status(), ObjectStatus::Persistent);
+    let (sandy_id, patrick_id) = (sandy.read().id, patrick.read().id);
+    assert!(sandy_id > 0 && patrick_id > sandy_id, "{sandy_id} {patrick_id}");
+    // Server defaults come back for the fields left to the database...
+    assert_eq!(sandy.read().role.as_deref(), Some("member"));
+    assert_eq!(sandy.read().active, Some(true));
+    // ...and explicit values are kept.
+    assert_eq!(patrick.read().role.as_deref(), Some("admin"));
+    assert_eq!(patrick.read().active, Some(false));
+
+    let rows = db
+        .strings("SELECT id || ':' || name || ':' || role || ':' || active FROM users ORDER BY id")
+        .await;
+    assert_eq!(
+        rows,
+        vec![
+            format!("{sandy_id}:sandy:member:true"),
+            format!("{patrick_id}:patrick:admin:false")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn one_flush_batches_each_table_into_one_insert_and_matches_keys() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let names: Vec<String> = (0..250).map(|i| format!("user{i:03}")).collect();
+    let users = session.add_all(names.iter().map(|n| User::new(n)));
+    let echo = EchoCapture::start();
+    session.flush().await.unwrap();
+    let inserts: Vec<String> = echo.take().into_iter().filter(|s| s.starts_with("INSERT")).collect();
+    assert_eq!(inserts.len(), 1, "{inserts:?}");
+    session.commit().await.unwrap();
+
+    // Each object carries the key of its own row.
+    for user in &users {
+        let user = user.read();
+        let name = db
+            .strings(&format!("SELECT name FROM users WHERE id = {}", user.id))
+            .await;
+        assert_eq!(name, vec![user.name.clone()]);
+    }
+}
+
+#[tokio::test]
+async fn flush_inserts_parents_first_and_deletes_children_first() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    // The child is added before its parent: the flush must still insert the author first.
+    let book = session.add(Book {
+        isbn: "978-0".into(),
+        author_id: 7,
+        title: "Rust".into(),
+    });
+    let author = session.add(Author {
+        id: 7,
+        name: "Ferris".into(),
+    });
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM books").await, 1);
+
+    // Deleting the parent first and the child second must still delete the child first.
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.get::<Author>(author.read().id).await.unwrap().unwrap();
+    let book = session.get::<Book>(book.read().isbn.clone()).await.unwrap().unwrap();
+    session.delete(&author).unwrap();
+    session.delete(&book).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM books").await, 0);
+    assert_eq!(book.status(), ObjectStatus::Deleted);
+}
+
+#[tokio::test]
+async fn updates_send_only_changed_columns_and_nothing_when_unchanged() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    let other = session.add(User::new("other"));
+    session.flush().await.unwrap();
+
+    let echo = EchoCapture::start();
+    sandy.write().email = Some("sandy@example.com".into());
+    // Borrowed mutably but not changed: no statement.
+    other.write().name = "other".into();
+    session.flush().await.unwrap();
+    let statements = echo.take();
+    assert_eq!(statements.len(), 1, "{statements:?}");
+    assert!(
+        statements[0].starts_with(r#"UPDATE "users" SET "email" = "orm_rows"."email" FROM"#),
+        "{}",
+        statements[0]
+    );
+    assert!(!statements[0].contains(r#""name" ="#));
+
+    session.flush().await.unwrap();
+    assert!(echo.take().is_empty(), "a clean session sends nothing");
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT coalesce(email, '-') FROM users ORDER BY id").await,
+        vec!["sandy@example.com", "-"]
+    );
+}
+
+#[tokio::test]
+async fn many_updates_of_one_shape_are_one_statement() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users = session.add_all((0..100).map(|i| User::new(&format!("u{i}"))));
+    session.flush().await.unwrap();
+    for (i, user) in users.iter().enumerate() {
+        user.write().email = Some(format!("u{i}@example.com"));
+    }
+    let echo = EchoCapture::start();
+    session.commit().await.unwrap();
+    let statements = echo.take();
+    assert_eq!(
+        statements.iter().filter(|s| s.starts_with("UPDATE")).count(),
+        1,
+        "{statements:?}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users WHERE email = name || '@example.com'")
+            .await,
+        100
+    );
+}
+
+#[tokio::test]
+async fn autoflush_on_lets_queries_see_pending_objects() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("sandy"));
+    let found = session
+        .query::<User>()
+        .filter(User::name.eq("sandy"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].read().id > 0);
+}
+
+#[tokio::test]
+async fn autoflush_off_sends_nothing_until_flush() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).autoflush(false).session();
+    session.add(User::new("sandy"));
+    assert!(session.query::<User>().all().await.unwrap().is_empty());
+    session.flush().await.unwrap();
+    assert_eq!(session.query::<User>().all().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn without_autocommit_nothing_is_visible_to_others_before_commit() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+    assert!(session.in_transaction());
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    session.commit().await.unwrap();
+    assert!(!session.in_transaction());
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test]
+async fn autocommit_commits_each_flush_and_holds_no_transaction() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).autocommit(true).session();
+    session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+    assert!(!session.in_transaction());
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 1);
+
+    // A read opens no transaction either.
+    let echo = EchoCapture::start();
+    assert_eq!(session.query::<User>().count().await.unwrap(), 1);
+    assert!(!echo.take().iter().any(|s| s == "BEGIN"));
+    assert!(!session.in_transaction());
+
+    // An explicit begin() opens a block that lasts until commit.
+    session.begin().await.unwrap();
+    session.add(User::new("patrick"));
+    session.flush().await.unwrap();
+    assert!(session.in_transaction());
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 1);
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 2);
+    assert!(matches!(session.begin().await, Ok(())));
+    assert!(matches!(session.begin().await, Err(Error::InvalidState(_))));
+    session.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn rollback_discards_staged_and_flushed_changes() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let flushed = session.add(User::new("flushed"));
+    session.flush().await.unwrap();
+    let staged = session.add(User::new("staged"));
+    session.rollback().await.unwrap();
+    assert_eq!(flushed.status(), ObjectStatus::Detached);
+    assert_eq!(staged.status(), ObjectStatus::Detached);
+
+    // Nothing staged survives into the next commit.
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    assert!(session.query::<User>().all().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_dropped_session_rolls_back_before_its_connection_is_reused() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
+    crate::models::TestBase::create_all(&db.engine).await.unwrap();
+    {
+        let mut session = sessionmaker(&db.engine).session();
+        session.add(User::new("ghost"));
+        session.flush().await.unwrap();
+        assert!(session.in_transaction());
+        // Dropped here, inside its transaction.
+    }
+    // The only pooled connection must come back clean: outside a transaction
+    // block, SAVEPOINT is refused (SQLSTATE 25P01).
+    let conn = db.engine.connect().await.unwrap();
+    match conn.raw_batch("SAVEPOINT probe").await {
+        Err(Error::Database { code, .. }) => assert_eq!(code.as_deref(), Some("25P01")),
+        other => panic!("the reused connection is still inside a transaction: {other:?}"),
+    }
+    let count: i64 = conn.raw_query("SELECT count(*) FROM users", &[]).await.unwrap()[0].get(0);
+    assert_eq!(count, 0);
+    drop(conn);
+    assert_eq!(
+        db.engine.pool_status().size,
+        1,
+        "the connection was reused, not replaced"
+    );
+
+    let stuck = db
+        .scalar(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
+            db.database.name()
+        ))
+        .await;
+    assert_eq!(stuck, 0);
+}
+
+#[tokio::test]
+async fn a_cancelled_flush_still_rolls_back() {
+    let db = setup().await;
+    {
+        let mut session = sessionmaker(&db.engine).session();
+        session.add(User::new("first"));
+        session.flush().await.unwrap();
+        session.add(User::new("second"));
+        // Cancel the flush at its first await point.
+        let flush = session.flush();
+        let _ = tokio::time::timeout(std::time::Duration::from_nanos(1), flush).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    let stuck = db
+        .scalar(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
+            db.database.name()
+        ))
+        .await;
+    assert_eq!(stuck, 0);
+}
+
+#[tokio::test]
+async fn get_answers_from_the_identity_map() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).expire_on_commit(false).session();
+    let sandy = session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+    let id = sandy.read().id;
+
+    let echo = EchoCapture::start();
+    let first = session.get::<User>(id).await.unwrap().unwrap();
+    let second = session.get::<User>(id).await.unwrap().unwrap();
+    assert!(echo.take().is_empty(), "answered without a query");
+    assert!(first.ptr_eq(&sandy) && second.ptr_eq(&sandy));
+
+    // A query of the same row yields the same object.
+    let queried = session.query::<User>().filter(User::id.eq(id)).one().await.unwrap();
+    assert!(queried.ptr_eq(&sandy));
+    assert!(session.get::<User>(id + 1000).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn loading_a_row_twice_in_a_fresh_session_gives_one_object() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('sandy')").await;
+    let mut session = sessionmaker(&db.engine).session();
+    let a = session.query::<User>().one().await.unwrap();
+    let b = session
+        .query::<User>()
+        .filter(User::name.eq("sandy"))
+        .one()
+        .await
+        .unwrap();
+    assert!(a.ptr_eq(&b));
+    let echo = EchoCapture::start();
+    let c = session.get::<User>(a.read().id).await.unwrap().unwrap();
+    assert!(c.ptr_eq(&a));
+    assert!(echo.take().is_empty());
+}
+
+#[tokio::test]
+async fn expire_on_commit_reloads_on_next_access() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+    let id = sandy.read().id;
+    db.execute(&format!("UPDATE users SET email = 'changed@elsewhere' WHERE id = {id}"))
+        .await;
+    let reloaded = session.get::<User>(id).await.unwrap().unwrap();
+    assert!(reloaded.ptr_eq(&sandy));
+    assert_eq!(sandy.read().email.as_deref(), Some("changed@elsewhere"));
+
+    // Without expiry, the identity map keeps answering with what it has.
+    let mut keeping = sessionmaker(&db.engine).expire_on_commit(false).session();
+    let patrick = keeping.add(User::new("patrick"));
+    keeping.commit().await.unwrap();
+    let id = patrick.read().id;
+    db.execute(&format!("UPDATE users SET email = 'changed@elsewhere' WHERE id = {id}"))
+        .await;
+    let cached = keeping.get::<User>(id).await.unwrap().unwrap();
+    assert_eq!(cached.read().email, None);
+    keeping.refresh(&cached).await.unwrap();
+    assert_eq!(cached.read().email.as_deref(), Some("changed@elsewhere"));
+}
+
+#[tokio::test]
+async fn a_failed_flush_writes_nothing_and_needs_rollback() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+
+    session.add(Author {
+        id: 1,
+        name: "a".into(),
+    });
+    session.add(User::new("sandy")); // duplicate name
+    let error = session.commit().await.unwrap_err();
+    match &error {
+        Error::UniqueViolation { constraint, table, .. } => {
+            assert_eq!(constraint.as_deref(), Some("users_name_key"));
+            assert_eq!(table.as_deref(), Some("users"));
+        }
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    assert_eq!(error.constraint(), Some("users_name_key"));
+    // The author of the same flush was not half-written.
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 0);
+    assert!(matches!(
+        session.query::<User>().all().await,
+        Err(Error::InvalidState(_))
+    ));
+
+    session.rollback().await.unwrap();
+    assert_eq!(session.query::<User>().count().await.unwrap(), 1);
+    session.add(Author {
+        id: 2,
+        name: "b".into(),
+    });
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 1);
+}
+
+#[tokio::test]
+async fn constraint_violations_are_typed() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(Book {
+        isbn: "1".into(),
+        author_id: 404,
+        title: "orphan".into(),
+    });
+    match session.commit().await.unwrap_err() {
+        Error::ForeignKeyViolation { constraint, .. } => {
+            assert_eq!(constraint.as_deref(), Some("books_author_id_fkey"))
+        }
+        other => panic!("expected a foreign key violation, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
+
+    // Too long for varchar(50): rejected, never truncated.
+    session.add(User::new(&"x".repeat(51)));
+    match session.commit().await.unwrap_err() {
+        Error::Database { code, .. } => assert_eq!(code.as_deref(), Some("22001")),
+        other => panic!("expected string_data_right_truncation, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn updating_or_deleting_a_vanished_row_is_stale_data() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    let patrick = session.add(User::new("patrick"));
+    session.commit().await.unwrap();
+    let sandy = session.get::<User>(sandy.read().id).await.unwrap().unwrap();
+    let patrick = session.get::<User>(patrick.read().id).await.unwrap().unwrap();
+    db.execute("DELETE FROM users").await;
+    sandy.write().email = Some("x".into());
+    match session.flush().await.unwrap_err() {
+        Error::StaleData {
+            table,
+            operation,
+            expected,
+            actual,
+        } => {
+            assert_eq!((table.as_str(), operation, expected, actual), ("users", "update", 1, 0));
+        }
+        other => panic!("expected stale data, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
+    let _ = patrick;
+}
+
+#[tokio::test]
+async fn deleting_a_pending_object_just_forgets_it() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    session.delete(&sandy).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    assert_eq!(sandy.status(), ObjectStatus::Detached);
+    assert!(matches!(session.delete(&sandy), Err(Error::InvalidState(_))));
+}
+
+#[tokio::test]
+async fn changing_a_primary_key_is_refused() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.add(Author {
+        id: 1,
+        name: "a".into(),
+    });
+    session.flush().await.unwrap();
+    author.write().id = 2;
+    let error = session.flush().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::InvalidState(m) if m.contains("authors.id")),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn composite_keys_round_trip() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add_all([
+        Membership {
+            group_id: 1,
+            user_key: 10,
+            level: 3,
+            note: Some(vec![0, 159, 255]),
+            scratch: vec!["not stored".into()],
+        },
+        Membership {
+            group_id: 1,
+            user_key: 11,
+            level: 1,
+            note: None,
+            scratch: vec![],
+        },
+    ]);
+    session.commit().await.unwrap();
+
+    let mut session = sessionmaker(&db.engine).session();
+    let member = session.get::<Membership>((1, 10)).await.unwrap().unwrap();
+    assert_eq!(member.read().note, Some(vec![0, 159, 255]));
+    assert!(member.read().scratch.is_empty(), "skipped fields load as Default");
+    member.write().level = 5;
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT level::bigint FROM memberships WHERE group_id = 1 AND user_key = 10")
+            .await,
+        5
+    );
+    assert_eq!(
+        db.scalar("SELECT level::bigint FROM memberships WHERE group_id = 1 AND user_key = 11")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_column_of_another_type_is_a_type_mismatch_naming_it() {
+    let db = crate::common::test_db().await;
+    db.execute("CREATE TABLE authors (id bigint PRIMARY KEY, name integer)")
+        .await;
+    db.execute("INSERT INTO authors VALUES (1, 42)").await;
+    let mut session = sessionmaker(&db.engine).session();
+    match session.get::<Author>(1).await.unwrap_err() {
+        Error::TypeMismatch { table, column, .. } => assert_eq!((table.as_str(), column.as_str()), ("authors", "name")),
+        other => panic!("expected a type mismatch, got {other:?}"),
+    }
+    // Decoding failed on this side: the session's transaction is intact.
+    assert_eq!(session.query::<Author>().count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn sessions_made_directly_behave_like_factory_sessions() {
+    let db = setup().await;
+    let mut session = Session::new(&db.engine);
+    assert_eq!(session.config(), sessionmaker(&db.engine).config());
+    let post_owner = session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+    session.add(Post {
+        id: 0,
+        user_id: post_owner.read().id,
+        title: "hello".into(),
+        score: 1.5,
+    });
+    session.commit().await.unwrap();
+    session.close().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM posts").await, 1);
+}
