@@ -11,7 +11,7 @@ use std::ops::{BitAnd, BitOr, Not};
 
 use crate::model::Model;
 use crate::sql::{BinaryOp, ColumnRef, Expr, OrderExpr, ParamValue};
-use crate::types::{ColumnType, IntoValue};
+use crate::types::{ColumnType, IntoValue, TextColumnType};
 
 /// A column of model `M` whose Rust type is `T`.
 pub struct Column<M, T> {
@@ -216,14 +216,22 @@ impl<M: Model, T: ColumnType> Column<M, T> {
     }
 }
 
-impl<M: Model> Column<M, String> {
-    /// `column LIKE pattern`.
-    pub fn like(self, pattern: impl IntoValue<String>) -> Condition<M> {
-        self.compare(BinaryOp::Like, pattern)
+impl<M: Model, T: TextColumnType> Column<M, T> {
+    fn pattern(self, op: BinaryOp, pattern: impl IntoValue<String>) -> Condition<M> {
+        Condition::new(Expr::Binary(
+            Box::new(self.expr()),
+            op,
+            Box::new(Expr::Param(ParamValue(Box::new(pattern.into_value())))),
+        ))
     }
 
-    /// `column ILIKE pattern` (case-insensitive).
+    /// `column LIKE pattern` (text columns, nullable or not).
+    pub fn like(self, pattern: impl IntoValue<String>) -> Condition<M> {
+        self.pattern(BinaryOp::Like, pattern)
+    }
+
+    /// `column ILIKE pattern`: case-insensitive `LIKE`.
     pub fn ilike(self, pattern: impl IntoValue<String>) -> Condition<M> {
-        self.compare(BinaryOp::ILike, pattern)
+        self.pattern(BinaryOp::ILike, pattern)
     }
 }

@@ -1,1 +1,189 @@
+use std::time::Duration;
 
+use orm::prelude::*;
+
+#[test]
+fn urls_in_every_accepted_form_build_engines() {
+    for url in [
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "postgres://postgres@127.0.0.1/postgres",
+        "postgresql+psycopg2://user:p%40ss@db.internal:6543/app?sslmode=disable&application_name=web",
+        "postgresql+asyncpg://user@%2Fvar%2Frun%2Fpostgresql/app",
+        "postgresql://user@[::1]:5432/app?connect_timeout=3&options=-c%20search_path%3Dpublic",
+    ] {
+        create_engine(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
+#[test]
+fn bad_urls_are_typed_errors_naming_the_part() {
+    let part = |url: &str| match create_engine(url) {
+        Err(Error::InvalidUrl { part, .. }) => part,
+        other => panic!("{url}: expected InvalidUrl, got {other:?}"),
+    };
+    assert_eq!(part("not a url"), "scheme");
+    assert_eq!(part("postgresql://h:port/db"), "port");
+    assert_eq!(
+        part("postgresql://h/db?connect_timeout=-1"),
+        "query option \"connect_timeout\""
+    );
+    assert_eq!(part("postgresql://h/db?nonsense=1"), "query option \"nonsense\"");
+    assert!(matches!(
+        create_engine("mysql://root@localhost/db"),
+        Err(Error::UnsupportedScheme { scheme }) if scheme == "mysql"
+    ));
+    assert!(matches!(
+        create_engine("sqlite:///tmp/x.db"),
+        Err(Error::UnsupportedScheme { .. })
+    ));
+}
+
+#[test]
+fn bad_options_are_typed_errors_naming_the_option() {
+    let url = "postgresql://postgres@127.0.0.1/postgres";
+    let option = |builder: orm::EngineBuilder| match builder.build() {
+        Err(Error::InvalidOption { option, .. }) => option,
+        other => panic!("expected InvalidOption, got {other:?}"),
+    };
+    assert_eq!(option(Engine::builder(url).pool_size(0)), "pool_size");
+    assert_eq!(
+        option(Engine::builder(url).pool_timeout(Duration::ZERO)),
+        "pool_timeout"
+    );
+    assert_eq!(
+        option(Engine::builder(url).connect_timeout(Duration::ZERO)),
+        "connect_timeout"
+    );
+    assert_eq!(
+        option(Engine::builder(url).statement_timeout(Duration::ZERO)),
+        "statement_timeout"
+    );
+}
+
+#[tokio::test]
+async fn the_password_never_shows() {
+    let engine = create_engine("postgresql://sandy:s3cr%21t@127.0.0.1:1/postgres").unwrap();
+    let debug = format!("{engine:?}");
+    assert!(!debug.contains("s3cr") && debug.contains("***"), "{debug}");
+    let builder = Engine::builder("postgresql://sandy:s3cr%21t@127.0.0.1:1/postgres");
+    assert!(!format!("{builder:?}").contains("s3cr"));
+    let error = engine.connect().await.unwrap_err();
+    assert!(!error.to_string().contains("s3cr"), "{error}");
+    assert!(!format!("{error:?}").contains("s3cr"), "{error:?}");
+}
+
+#[tokio::test]
+async fn engines_connect_lazily_and_unreachable_servers_are_typed() {
+    // Nothing listens on port 1: building succeeds, connecting fails.
+    let engine = Engine::builder("postgresql://postgres@127.0.0.1:1/postgres")
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert_eq!(engine.pool_status().size, 0);
+    let error = engine.connect().await.unwrap_err();
+    assert!(matches!(error, Error::ServerUnreachable { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn missing_database_and_unknown_role_are_typed() {
+    let server = crate::common::server().await;
+    let url = orm::DatabaseUrl::parse(server.url()).unwrap();
+
+    let missing = create_engine(&url.with_database("orm_no_such_database").unmasked()).unwrap();
+    let error = missing.connect().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::DatabaseNotFound { message, .. } if message.contains("orm_no_such_database")),
+        "{error:?}"
+    );
+
+    let mut stranger = url.clone();
+    stranger.user = Some("orm_no_such_role".into());
+    let error = create_engine(&stranger.unmasked())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::AuthenticationFailed { message, .. } if message.contains("orm_no_such_role")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn connections_run_plain_sql_with_bound_parameters() {
+    let db = crate::common::test_db().await;
+    let conn = db.engine.connect().await.unwrap();
+    conn.raw_batch("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let inserted = conn
+        .raw_execute(
+            "INSERT INTO notes VALUES ($1, $2), ($3, $4)",
+            &[&1i32, &"one", &2i32, &"it's two"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(inserted, 2);
+    let rows = conn
+        .raw_query("SELECT body FROM notes WHERE id > $1 ORDER BY id", &[&1i32])
+        .await
+        .unwrap();
+    let bodies: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(bodies, ["it's two"]);
+    assert!(conn.client().is_closed() == false);
+}
+
+#[tokio::test]
+async fn pool_size_and_timeout_are_honoured() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1).pool_timeout(Duration::from_millis(200))).await;
+    let held = db.engine.connect().await.unwrap();
+    let started = std::time::Instant::now();
+    let error = db.engine.connect().await.unwrap_err();
+    assert!(matches!(error, Error::PoolTimeout { .. }), "{error:?}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(db.engine.pool_status().max_size, 1);
+    drop(held);
+    db.engine.connect().await.unwrap();
+}
+
+#[tokio::test]
+async fn statement_timeout_and_application_name_reach_the_server() {
+    let db = crate::common::test_db_with(|b| {
+        b.statement_timeout(Duration::from_millis(150))
+            .application_name("orm-tests")
+    })
+    .await;
+    let conn = db.engine.connect().await.unwrap();
+    let rows = conn
+        .raw_query(
+            "SELECT current_setting('statement_timeout'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "150ms");
+    assert_eq!(rows[0].get::<_, String>(1), "orm-tests");
+    match conn.raw_batch("SELECT pg_sleep(2)").await.unwrap_err() {
+        Error::Database { code, .. } => assert_eq!(code.as_deref(), Some("57014")),
+        other => panic!("expected query_canceled, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn url_query_options_reach_the_server() {
+    let server = crate::common::server().await;
+    let db = crate::common::test_db().await;
+    let _ = server;
+    let url = format!("{}?application_name=from-url&options=-c%20work_mem%3D7MB", db.url());
+    let engine = create_engine(&url).unwrap();
+    let conn = engine.connect().await.unwrap();
+    let rows = conn
+        .raw_query(
+            "SELECT current_setting('application_name'), current_setting('work_mem')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "from-url");
+    assert_eq!(rows[0].get::<_, String>(1), "7MB");
+}

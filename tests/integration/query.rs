@@ -1,1 +1,305 @@
+use orm::prelude::*;
 
+use crate::common::EchoCapture;
+use crate::models::{setup, Post, User};
+
+async fn seeded() -> (crate::common::TestDb, Session) {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    for (name, email) in [
+        ("sandy", Some("sandy@reef.org")),
+        ("patrick", None),
+        ("squidward", Some("squid@krusty.com")),
+        ("gary", None),
+    ] {
+        let mut user = User::new(name);
+        user.email = email.map(str::to_owned);
+        session.add(user);
+    }
+    session.commit().await.unwrap();
+    (db, session)
+}
+
+fn q(session: &mut Session) -> orm::Query<'_, User> {
+    session.query::<User>().order_by(User::name)
+}
+
+fn names(users: &[Tracked<User>]) -> Vec<String> {
+    users.iter().map(|u| u.read().name.clone()).collect()
+}
+
+#[tokio::test]
+async fn filters_compare_with_bound_values() {
+    let (_db, mut session) = seeded().await;
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.eq("sandy")).all().await.unwrap()),
+        ["sandy"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.ne("sandy")).all().await.unwrap()),
+        ["gary", "patrick", "squidward"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.lt("patrick")).all().await.unwrap()),
+        ["gary"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.le("patrick")).all().await.unwrap()),
+        ["gary", "patrick"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.gt("sandy")).all().await.unwrap()),
+        ["squidward"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.ge("sandy")).all().await.unwrap()),
+        ["sandy", "squidward"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::email.is_null()).all().await.unwrap()),
+        ["gary", "patrick"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::email.is_not_null()).all().await.unwrap()),
+        ["sandy", "squidward"]
+    );
+    assert_eq!(
+        names(
+            &q(&mut session)
+                .filter(User::email.eq("squid@krusty.com"))
+                .all()
+                .await
+                .unwrap()
+        ),
+        ["squidward"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.like("s%")).all().await.unwrap()),
+        ["sandy", "squidward"]
+    );
+    assert_eq!(
+        names(&q(&mut session).filter(User::name.ilike("G%")).all().await.unwrap()),
+        ["gary"]
+    );
+    assert_eq!(
+        names(
+            &q(&mut session)
+                .filter(User::name.is_in(["gary", "sandy", "nobody"]))
+                .all()
+                .await
+                .unwrap()
+        ),
+        ["gary", "sandy"]
+    );
+}
+
+#[tokio::test]
+async fn conditions_combine_with_and_or_not() {
+    let (_db, mut session) = seeded().await;
+    let both = session
+        .query::<User>()
+        .filter(User::name.like("s%") & User::email.like("%krusty%"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&both), ["squidward"]);
+    let either = session
+        .query::<User>()
+        .filter(User::name.eq("gary").or(User::name.eq("patrick")))
+        .order_by(User::name.desc())
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&either), ["patrick", "gary"]);
+    let negated = session
+        .query::<User>()
+        .filter(!(User::name.eq("gary") | User::name.eq("patrick")))
+        .order_by(User::name)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&negated), ["sandy", "squidward"]);
+    // Two filter() calls are joined with AND.
+    let chained = session
+        .query::<User>()
+        .filter(User::email.is_null())
+        .filter(User::name.ne("gary"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&chained), ["patrick"]);
+}
+
+#[tokio::test]
+async fn order_limit_offset() {
+    let (_db, mut session) = seeded().await;
+    let page = session
+        .query::<User>()
+        .order_by(User::name.asc())
+        .limit(2)
+        .offset(1)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&page), ["patrick", "sandy"]);
+    let by_id_desc = session
+        .query::<User>()
+        .order_by(User::id.desc())
+        .first()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_id_desc.read().name, "gary");
+    let ordered_twice = session
+        .query::<User>()
+        .order_by(User::email.desc())
+        .order_by(User::name)
+        .all()
+        .await
+        .unwrap();
+    // NULLs sort first in descending order; ties broken by name.
+    assert_eq!(names(&ordered_twice), ["gary", "patrick", "squidward", "sandy"]);
+}
+
+#[tokio::test]
+async fn one_first_one_or_none_and_count() {
+    let (_db, mut session) = seeded().await;
+    let sandy = session
+        .query::<User>()
+        .filter(User::name.eq("sandy"))
+        .one()
+        .await
+        .unwrap();
+    assert_eq!(sandy.read().email.as_deref(), Some("sandy@reef.org"));
+
+    let missing = session
+        .query::<User>()
+        .filter(User::name.eq("plankton"))
+        .one()
+        .await
+        .unwrap_err();
+    assert!(missing.is_not_found(), "{missing:?}");
+    assert!(matches!(missing, Error::NotFound { ref table } if table == "users"));
+
+    let several = session
+        .query::<User>()
+        .filter(User::email.is_null())
+        .one()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(several, Error::MultipleRowsFound { ref table } if table == "users"),
+        "{several:?}"
+    );
+    assert!(matches!(
+        session.query::<User>().one_or_none().await,
+        Err(Error::MultipleRowsFound { .. })
+    ));
+    assert!(session
+        .query::<User>()
+        .filter(User::name.eq("plankton"))
+        .one_or_none()
+        .await
+        .unwrap()
+        .is_none());
+    assert!(session
+        .query::<User>()
+        .filter(User::name.eq("plankton"))
+        .first()
+        .await
+        .unwrap()
+        .is_none());
+
+    assert_eq!(session.query::<User>().count().await.unwrap(), 4);
+    assert_eq!(
+        session
+            .query::<User>()
+            .filter(User::email.is_null())
+            .count()
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(session.query::<User>().limit(3).offset(2).count().await.unwrap(), 2);
+    assert_eq!(session.query::<User>().limit(1).count().await.unwrap(), 1);
+    // A query that found nothing leaves the transaction usable.
+    assert_eq!(session.query::<User>().count().await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn values_are_bound_never_spliced() {
+    let (db, mut session) = seeded().await;
+    let hostile = "x'; DROP TABLE users; --";
+    let echo = EchoCapture::start();
+    let found = session
+        .query::<User>()
+        .filter(User::name.eq(hostile))
+        .all()
+        .await
+        .unwrap();
+    assert!(found.is_empty());
+    let statements = echo.take();
+    assert!(statements.iter().all(|s| !s.contains("DROP")), "{statements:?}");
+    assert!(
+        statements.iter().any(|s| s.contains(r#""users"."name" = $1"#)),
+        "{statements:?}"
+    );
+
+    session.add(User::new(hostile));
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 5);
+    let stored = session
+        .query::<User>()
+        .filter(User::name.eq(hostile))
+        .one()
+        .await
+        .unwrap();
+    assert_eq!(stored.read().name, hostile);
+}
+
+#[tokio::test]
+async fn echo_logs_statement_parameter_count_and_duration() {
+    let (_db, mut session) = seeded().await;
+    let echo = EchoCapture::start();
+    session
+        .query::<User>()
+        .filter(User::name.eq("sandy"))
+        .limit(5)
+        .all()
+        .await
+        .unwrap();
+    let events = echo.take_events();
+    let select = events
+        .iter()
+        .find(|e| e.sql.starts_with("SELECT"))
+        .expect("the select was echoed");
+    assert_eq!(select.params, Some(2));
+    assert!(select.elapsed_us.is_some());
+}
+
+#[tokio::test]
+async fn queries_of_related_tables() {
+    let (_db, mut session) = seeded().await;
+    let sandy = session
+        .query::<User>()
+        .filter(User::name.eq("sandy"))
+        .one()
+        .await
+        .unwrap();
+    let sandy_id = sandy.read().id;
+    session.add_all((1..=3).map(|i| Post {
+        id: 0,
+        user_id: sandy_id,
+        title: format!("post {i}"),
+        score: f64::from(i) * 1.5,
+    }));
+    let posts = session
+        .query::<Post>()
+        .filter(Post::user_id.eq(sandy_id) & Post::score.gt(2.0))
+        .order_by(Post::score.desc())
+        .all()
+        .await
+        .unwrap();
+    let titles: Vec<String> = posts.iter().map(|p| p.read().title.clone()).collect();
+    assert_eq!(titles, ["post 3", "post 2"]);
+}
