@@ -33,9 +33,18 @@ pub trait References<T> {}
 impl<T: ColumnType> References<T> for T {}
 impl<T: ColumnType> References<T> for Option<T> {}
 
-/// Fails to compile unless a field of type `F` can reference `column`.
-pub fn assert_foreign_key_type<F: References<T>, M, T>(column: Column<M, T>) {
-    let _ = column;
+impl<M, T> Column<M, T> {
+    /// Fails to compile unless a field of type `F` can reference this column.
+    /// A method rather than a function so that `T` is known from the column
+    /// before `F` is checked, which gives the clearer message.
+    #[doc(hidden)]
+    pub fn __assert_referenced_by<F: References<T>>(self) {}
+}
+
+/// Decodes a field; bound by `ColumnType` so a wrong field type is reported
+/// once, as an unsupported column type.
+pub fn decode_field<T: ColumnType>(row: &Row, index: usize, table: &TableDef, column: usize) -> crate::Result<T> {
+    crate::model::decode_column(row, index, table, column)
 }
 
 /// Reached only if generated code and its table description disagree.

@@ -39,7 +39,7 @@ fn expand_assertions(model: &Model<'_>) -> TokenStream {
         }
         if let Some(fk) = &column.foreign_key {
             let path = &fk.path;
-            checks.push(quote_spanned!(path.span()=> #krate::__private::assert_foreign_key_type::<#ty, _, _>(#path);));
+            checks.push(quote_spanned!(path.span()=> #path.__assert_referenced_by::<#ty>();));
         }
     }
     quote! {
@@ -162,7 +162,9 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
     let decode_fields = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
-        quote!(#field: #krate::__private::decode_column(row, #position, Self::TABLE, #position)?,)
+        let ty = column.ty;
+        let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
+        quote!(#field: #decode(row, #position, Self::TABLE, #position)?,)
     });
     let skipped = model
         .skipped
@@ -170,7 +172,9 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         .map(|field| quote!(#field: ::core::default::Default::default(),));
     let set_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
-        quote!(#position => self.#field = #krate::__private::decode_column(row, index, Self::TABLE, #position)?,)
+        let ty = column.ty;
+        let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
+        quote!(#position => self.#field = #decode(row, index, Self::TABLE, #position)?,)
     });
     let array_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;

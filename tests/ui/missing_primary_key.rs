@@ -1,0 +1,8 @@
+use orm::Model;
+
+#[derive(Model, Debug, Clone)]
+pub struct Note {
+    pub body: String,
+}
+
+fn main() {}
