@@ -151,7 +151,14 @@ async fn run() -> orm::Result<()> {
     println!("Found {:?}", *user.read());
 
     // session.query(User).offset(0).limit(100).all()
-    for user in session.query::<User>().order_by(User::id).offset(0).limit(100).all().await? {
+    for user in session
+        .query::<User>()
+        .order_by(User::id)
+        .offset(0)
+        .limit(100)
+        .all()
+        .await?
+    {
         // A copy, so no borrow of the tracked object is held across the next query.
         let user = user.get();
         let items = session
@@ -166,7 +173,11 @@ async fn run() -> orm::Result<()> {
             user.id, user.email, user.is_active, user.hashed_password, titles
         );
     }
-    let described = session.query::<Item>().filter(Item::description.is_not_null()).count().await?;
+    let described = session
+        .query::<Item>()
+        .filter(Item::description.is_not_null())
+        .count()
+        .await?;
     println!("{described} of the items have a description");
     for item in session.query::<Item>().order_by(Item::id).all().await? {
         let item = item.read();

@@ -72,7 +72,7 @@ pub use tokio_postgres;
 /// # Container attributes
 ///
 /// - `#[orm(table = "users")]`: the table's name; by default the struct's
-///   name in snake_case (`BlogPost` → `blog_post`).
+///   name in `snake_case` (`BlogPost` → `blog_post`).
 /// - `#[orm(base = MyBase)]`: register with a base declared by
 ///   [`declarative_base!`] instead of [`Base`].
 /// - `#[orm(crate = "path::to::orm")]`: where the `orm` crate is, if renamed.

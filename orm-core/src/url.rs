@@ -240,7 +240,7 @@ impl DatabaseUrl {
             config.user(user);
         } else {
             // libpq's default: the operating system user.
-            config.user(&std::env::var("USER").unwrap_or_else(|_| "postgres".to_owned()));
+            config.user(std::env::var("USER").unwrap_or_else(|_| "postgres".to_owned()));
         }
         if let Some(password) = &self.password {
             config.password(password);

@@ -1,9 +1,9 @@
 //! Internal proc-macros of [`orm`](https://docs.rs/orm). Depend on `orm`,
 //! which re-exports them; this crate is not semver-stable on its own.
 //!
-//! The derive is thin: [`model`] parses the struct and its `#[orm(...)]`
+//! The derive is thin: `model` parses the struct and its `#[orm(...)]`
 //! attributes into a model of the table, checks rules that span fields, and
-//! [`expand`] generates code that calls into `orm-core`.
+//! `expand` generates code that calls into `orm-core`.
 
 #![forbid(unsafe_code)]
 

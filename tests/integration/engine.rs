@@ -130,7 +130,7 @@ async fn connections_run_plain_sql_with_bound_parameters() {
         .unwrap();
     let bodies: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(bodies, ["it's two"]);
-    assert!(conn.client().is_closed() == false);
+    assert!(!conn.client().is_closed());
 }
 
 #[tokio::test]
