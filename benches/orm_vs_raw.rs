@@ -1,2 +1,635 @@
-//! placeholder
-fn main() {}
+//! The ORM against raw tokio-postgres doing the same work, side by side in
+//! one run on the same data. Prints one table: workload, ORM median, raw
+//! median, and the ratio ORM/raw (below 1.00 means the ORM is faster).
+//!
+//! ```text
+//! cargo bench --bench orm_vs_raw            # the full run
+//! ORM_BENCH_SMOKE=1 cargo bench --bench orm_vs_raw   # tiny sizes, one sample: CI keeps it compiling and working
+//! ```
+//!
+//! The raw side uses statements prepared once, on one connection of its own;
+//! the ORM side goes through its engine, pool and sessions as users would.
+//! Both decode rows into the same struct. This is a benchmark, not a test:
+//! nothing here asserts a duration.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use orm::dev::{DevServer, TestDatabase};
+use orm::prelude::*;
+use orm::tokio_postgres::binary_copy::BinaryCopyInWriter;
+use orm::tokio_postgres::types::{ToSql, Type};
+use orm::tokio_postgres::{self, Client, NoTls, Row};
+
+orm::declarative_base!(BenchBase);
+
+#[derive(Model, Debug, Clone)]
+#[orm(table = "users", base = BenchBase)]
+struct User {
+    #[orm(primary_key, identity)]
+    id: i64,
+    name: String,
+    email: String,
+    age: i32,
+}
+
+#[derive(Model, Debug, Clone)]
+#[orm(table = "posts", base = BenchBase)]
+struct Post {
+    #[orm(primary_key, identity)]
+    id: i64,
+    #[orm(foreign_key = User::id, index)]
+    user_id: i64,
+    title: String,
+    score: i32,
+}
+
+/// The table inserts go to, emptied between samples.
+#[derive(Model, Debug, Clone)]
+#[orm(table = "new_users", base = BenchBase)]
+struct NewUser {
+    #[orm(primary_key, identity)]
+    id: i64,
+    name: String,
+    email: String,
+    age: i32,
+}
+
+fn user_from_row(row: &Row) -> User {
+    User {
+        id: row.get(0),
+        name: row.get(1),
+        email: row.get(2),
+        age: row.get(3),
+    }
+}
+
+fn post_from_row(row: &Row) -> Post {
+    Post {
+        id: row.get(0),
+        user_id: row.get(1),
+        title: row.get(2),
+        score: row.get(3),
+    }
+}
+
+fn new_user(i: usize) -> NewUser {
+    NewUser {
+        id: 0,
+        name: format!("user {i}"),
+        email: format!("user{i}@example.com"),
+        age: (i % 90) as i32,
+    }
+}
+
+struct Config {
+    smoke: bool,
+    /// Wall time to spend sampling each side of a workload.
+    budget: Duration,
+}
+
+impl Config {
+    fn samples_cap(&self) -> usize {
+        if self.smoke {
+            1
+        } else {
+            200
+        }
+    }
+}
+
+struct Report {
+    rows: Vec<(String, Duration, Duration, String)>,
+}
+
+impl Report {
+    fn add(&mut self, workload: &str, orm: Duration, raw: Duration, note: &str) {
+        println!(
+            "  {workload:<44} orm {:>10}  raw {:>10}  ratio {:.2} {note}",
+            fmt(orm),
+            fmt(raw),
+            ratio(orm, raw)
+        );
+        self.rows.push((workload.to_owned(), orm, raw, note.to_owned()));
+    }
+
+    fn print(&self) {
+        println!();
+        println!("| workload | ORM median | raw median | ratio ORM/raw | note |");
+        println!("|---|---:|---:|---:|---|");
+        for (workload, orm, raw, note) in &self.rows {
+            println!(
+                "| {workload} | {} | {} | {:.2} | {note} |",
+                fmt(*orm),
+                fmt(*raw),
+                ratio(*orm, *raw)
+            );
+        }
+    }
+}
+
+fn ratio(orm: Duration, raw: Duration) -> f64 {
+    orm.as_secs_f64() / raw.as_secs_f64().max(1e-9)
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1_000.0 {
+        format!("{us:.1} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Samples both sides alternately (so drift hits both alike) until the
+/// budget is spent, and returns both medians. `setup` runs untimed before
+/// every sample of either side.
+async fn compare<S, SF, O, OF, R, RF>(config: &Config, mut setup: S, mut orm: O, mut raw: R) -> (Duration, Duration)
+where
+    S: FnMut() -> SF,
+    SF: Future<Output = ()>,
+    O: FnMut() -> OF,
+    OF: Future<Output = Duration>,
+    R: FnMut() -> RF,
+    RF: Future<Output = Duration>,
+{
+    // One warm-up each: connections, prepared statements, caches.
+    setup().await;
+    orm().await;
+    setup().await;
+    raw().await;
+    let (mut orm_samples, mut raw_samples) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    while orm_samples.len() < config.samples_cap() && (orm_samples.len() < 5 || started.elapsed() < config.budget * 2) {
+        setup().await;
+        orm_samples.push(orm().await);
+        setup().await;
+        raw_samples.push(raw().await);
+        if config.smoke {
+            break;
+        }
+    }
+    (median(orm_samples), median(raw_samples))
+}
+
+/// Times one future.
+async fn timed<F: Future<Output = ()>>(work: F) -> Duration {
+    let started = Instant::now();
+    work.await;
+    started.elapsed()
+}
+
+struct Bench {
+    config: Config,
+    engine: Engine,
+    sessions: SessionMaker,
+    raw: Client,
+    report: Report,
+}
+
+impl Bench {
+    async fn sql(&self, sql: &str) {
+        self.raw.batch_execute(sql).await.expect(sql);
+    }
+
+    async fn fill_users(&self, count: usize) {
+        self.sql("TRUNCATE users, posts RESTART IDENTITY").await;
+        self.sql(&format!(
+            "INSERT INTO users (name, email, age) SELECT 'user ' || i, 'user' || i || '@example.com', i % 90 \
+             FROM generate_series(1, {count}) AS i"
+        ))
+        .await;
+        self.sql("ANALYZE users").await;
+    }
+
+    async fn select_all(&mut self, rows: usize) {
+        self.fill_users(rows).await;
+        let statement = self
+            .raw
+            .prepare("SELECT id, name, email, age FROM users")
+            .await
+            .unwrap();
+        let (sessions, raw) = (&self.sessions, &self.raw);
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    let users = session.query::<User>().all().await.unwrap();
+                    assert_eq!(users.len(), rows);
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                timed(async {
+                    let users: Vec<User> = raw
+                        .query(&statement, &[])
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(user_from_row)
+                        .collect();
+                    assert_eq!(users.len(), rows);
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(&format!("select all, {rows} rows"), orm, raw, "");
+    }
+
+    async fn get_by_primary_key(&mut self, lookups: i64) {
+        self.fill_users(lookups as usize).await;
+        let statement = self
+            .raw
+            .prepare("SELECT id, name, email, age FROM users WHERE id = $1")
+            .await
+            .unwrap();
+        let (sessions, raw) = (&self.sessions, &self.raw);
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    for id in 1..=lookups {
+                        let user = session.get::<User>(id).await.unwrap().unwrap();
+                        assert_eq!(user.read().id, id);
+                    }
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                timed(async {
+                    for id in 1..=lookups {
+                        let user = user_from_row(&raw.query_one(&statement, &[&id]).await.unwrap());
+                        assert_eq!(user.id, id);
+                    }
+                })
+                .await
+            },
+        )
+        .await;
+        self.report
+            .add(&format!("get by primary key, {lookups} times"), orm, raw, "");
+    }
+
+    async fn medium_query(&mut self) {
+        self.fill_users(1_000).await;
+        self.sql(
+            "INSERT INTO posts (user_id, title, score) SELECT 1 + i % 1000, 'post ' || i, (i * 7919) % 1000 \
+             FROM generate_series(1, 10000) AS i; ANALYZE posts",
+        )
+        .await;
+        let statement = self
+            .raw
+            .prepare(
+                "SELECT id, user_id, title, score FROM posts WHERE score > $1 ORDER BY score DESC, id ASC LIMIT $2",
+            )
+            .await
+            .unwrap();
+        let (sessions, raw) = (&self.sessions, &self.raw);
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    let posts = session
+                        .query::<Post>()
+                        .filter(Post::score.gt(500))
+                        .order_by(Post::score.desc())
+                        .order_by(Post::id)
+                        .limit(20)
+                        .all()
+                        .await
+                        .unwrap();
+                    assert_eq!(posts.len(), 20);
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                timed(async {
+                    let posts: Vec<Post> = raw
+                        .query(&statement, &[&500i32, &20i64])
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(post_from_row)
+                        .collect();
+                    assert_eq!(posts.len(), 20);
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            "filter + order + limit, 20 of 10,000 posts",
+            orm,
+            raw,
+            "one table; joins come with relationships",
+        );
+    }
+
+    async fn insert(&mut self, rows: usize) {
+        let single = self
+            .raw
+            .prepare("INSERT INTO new_users (name, email, age) VALUES ($1, $2, $3) RETURNING id")
+            .await
+            .unwrap();
+        let (sessions, raw, engine) = (&self.sessions, &self.raw, &self.engine);
+        let truncate = || async {
+            raw.batch_execute("TRUNCATE new_users RESTART IDENTITY").await.unwrap();
+        };
+        let orm_insert = || async {
+            let users: Vec<NewUser> = (0..rows).map(new_user).collect();
+            timed(async {
+                let mut session = sessions.session();
+                let tracked = session.add_all(users);
+                session.commit().await.unwrap();
+                assert!(tracked[rows - 1].read().id > 0);
+            })
+            .await
+        };
+
+        // Against one INSERT ... RETURNING per row, in one transaction.
+        let (orm, raw_single) = compare(&self.config, truncate, orm_insert, || async {
+            let users: Vec<NewUser> = (0..rows).map(new_user).collect();
+            timed(async {
+                raw.batch_execute("BEGIN").await.unwrap();
+                for user in &users {
+                    let row = raw
+                        .query_one(&single, &[&user.name, &user.email, &user.age])
+                        .await
+                        .unwrap();
+                    let _id: i64 = row.get(0);
+                }
+                raw.batch_execute("COMMIT").await.unwrap();
+            })
+            .await
+        })
+        .await;
+        self.report.add(
+            &format!("insert {rows} in one flush"),
+            orm,
+            raw_single,
+            "raw: one INSERT ... RETURNING per row",
+        );
+        if rows == 1 {
+            return;
+        }
+
+        // Against a hand-written multi-row INSERT ... VALUES ... RETURNING.
+        let (orm, raw_multi) = compare(&self.config, truncate, orm_insert, || async {
+            let users: Vec<NewUser> = (0..rows).map(new_user).collect();
+            timed(async {
+                // 65,535 parameters at most per statement: 3 per row.
+                for chunk in users.chunks(20_000) {
+                    let mut sql = String::from("INSERT INTO new_users (name, email, age) VALUES ");
+                    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 3);
+                    for (i, user) in chunk.iter().enumerate() {
+                        if i > 0 {
+                            sql.push(',');
+                        }
+                        sql.push_str(&format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+                        params.extend([&user.name as &(dyn ToSql + Sync), &user.email, &user.age]);
+                    }
+                    sql.push_str(" RETURNING id");
+                    let ids = raw.query(&sql, &params).await.unwrap();
+                    assert_eq!(ids.len(), chunk.len());
+                }
+            })
+            .await
+        })
+        .await;
+        let _ = orm;
+        self.report.add(
+            &format!("insert {rows} in one flush"),
+            orm,
+            raw_multi,
+            "raw: hand-written multi-row INSERT ... RETURNING",
+        );
+
+        // Against binary COPY, the fastest way in (no keys come back).
+        let (orm, raw_copy) = compare(&self.config, truncate, orm_insert, || async {
+            let users: Vec<NewUser> = (0..rows).map(new_user).collect();
+            timed(async {
+                let sink = raw
+                    .copy_in("COPY new_users (name, email, age) FROM STDIN BINARY")
+                    .await
+                    .unwrap();
+                let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::INT4]));
+                for user in &users {
+                    writer
+                        .as_mut()
+                        .write(&[&user.name, &user.email, &user.age])
+                        .await
+                        .unwrap();
+                }
+                writer.finish().await.unwrap();
+            })
+            .await
+        })
+        .await;
+        self.report.add(
+            &format!("insert {rows} in one flush"),
+            orm,
+            raw_copy,
+            "raw: binary COPY, no keys returned",
+        );
+        let _ = engine;
+    }
+
+    async fn update(&mut self, rows: usize) {
+        self.fill_users(rows).await;
+        let statement = self
+            .raw
+            .prepare("UPDATE users SET age = $1 WHERE id = $2")
+            .await
+            .unwrap();
+        let (sessions, raw) = (&self.sessions, &self.raw);
+        let mut round = 0i32;
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || {
+                round += 1;
+                let age = round % 90;
+                async move {
+                    let mut session = sessions.session();
+                    let users = session.query::<User>().all().await.unwrap();
+                    let took = timed(async {
+                        for user in &users {
+                            user.write().age = age;
+                        }
+                        session.commit().await.unwrap();
+                    })
+                    .await;
+                    session.close().await.unwrap();
+                    took
+                }
+            },
+            || async {
+                let users: Vec<User> = raw
+                    .query("SELECT id, name, email, age FROM users", &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(user_from_row)
+                    .collect();
+                timed(async {
+                    raw.batch_execute("BEGIN").await.unwrap();
+                    for user in &users {
+                        raw.execute(&statement, &[&(user.age + 1), &user.id]).await.unwrap();
+                    }
+                    raw.batch_execute("COMMIT").await.unwrap();
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("update {rows} changed objects in one flush"),
+            orm,
+            raw,
+            "raw: one UPDATE per row",
+        );
+    }
+
+    async fn stream(&mut self, rows: usize) {
+        self.fill_users(rows).await;
+        let statement = self
+            .raw
+            .prepare("SELECT id, name, email, age FROM users")
+            .await
+            .unwrap();
+        let (sessions, raw) = (&self.sessions, &self.raw);
+        let orm_peak = std::cell::Cell::new(0);
+        let raw_peak = std::cell::Cell::new(0);
+        let base = resident_kib();
+        let (orm, raw_time) = compare(
+            &self.config,
+            || async {},
+            || async {
+                let mut seen = 0usize;
+                let mut peak = 0;
+                let took = timed(async {
+                    let mut session = sessions.session();
+                    session
+                        .query::<User>()
+                        .for_each(|user| {
+                            seen += 1;
+                            if seen % 50_000 == 0 {
+                                peak = peak.max(resident_kib());
+                            }
+                            std::hint::black_box(user);
+                            Ok(())
+                        })
+                        .await
+                        .unwrap();
+                    session.close().await.unwrap();
+                })
+                .await;
+                assert_eq!(seen, rows);
+                orm_peak.set(orm_peak.get().max(peak));
+                took
+            },
+            || async {
+                let mut seen = 0usize;
+                let mut peak = 0;
+                let took = timed(async {
+                    let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
+                    let mut stream = pin!(stream);
+                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                        seen += 1;
+                        if seen % 50_000 == 0 {
+                            peak = peak.max(resident_kib());
+                        }
+                        std::hint::black_box(user_from_row(&row));
+                    }
+                })
+                .await;
+                assert_eq!(seen, rows);
+                raw_peak.set(raw_peak.get().max(peak));
+                took
+            },
+        )
+        .await;
+        let note = format!(
+            "peak RSS while streaming: orm {} MiB, raw {} MiB (process at start: {} MiB)",
+            orm_peak.get().max(base) / 1024,
+            raw_peak.get().max(base) / 1024,
+            base / 1024
+        );
+        self.report.add(&format!("stream {rows} rows"), orm, raw_time, &note);
+    }
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let smoke = std::env::var_os("ORM_BENCH_SMOKE").is_some();
+    let config = Config {
+        smoke,
+        budget: Duration::from_millis(if smoke { 0 } else { 1_500 }),
+    };
+    let server = DevServer::start().await.expect("a PostgreSQL server");
+    let database = TestDatabase::create(&server).await.expect("a scratch database");
+    let engine = Engine::builder(database.url()).pool_size(4).build().expect("engine");
+    BenchBase::create_all(&engine).await.expect("create_all");
+    let (raw, connection) = tokio_postgres::connect(database.url(), NoTls)
+        .await
+        .expect("raw connection");
+    tokio::spawn(connection);
+
+    let mut bench = Bench {
+        config,
+        sessions: sessionmaker(&engine),
+        engine,
+        raw,
+        report: Report { rows: Vec::new() },
+    };
+    println!("orm vs raw tokio-postgres{}", if smoke { " (smoke run)" } else { "" });
+    let scale = |full: usize, small: usize| if smoke { small } else { full };
+
+    // First, while the process is small, so its peak memory means something.
+    bench.stream(scale(1_000_000, 10_000)).await;
+    for rows in [1, 100, scale(10_000, 1_000)] {
+        bench.select_all(rows).await;
+    }
+    bench.get_by_primary_key(scale(1_000, 10) as i64).await;
+    bench.medium_query().await;
+    for rows in [1, 100, scale(10_000, 1_000)] {
+        bench.insert(rows).await;
+    }
+    bench.update(scale(1_000, 10)).await;
+    bench.report.print();
+
+    drop(bench);
+    database.drop_database().await.expect("drop the scratch database");
+}

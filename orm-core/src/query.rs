@@ -125,6 +125,15 @@ impl<'s, M: Model> Query<'s, M> {
         Ok(found.pop())
     }
 
+    /// Runs the query and hands each object to `on_object` as its row
+    /// arrives, without tracking it: no identity map entry, no list of all
+    /// results. For result sets too large to hold; memory stays flat
+    /// however many rows come back. Changes to these objects are not saved.
+    pub async fn for_each(self, on_object: impl FnMut(M) -> Result<()>) -> Result<()> {
+        let (session, statement) = self.statement(None)?;
+        session.stream::<M>(statement, on_object).await
+    }
+
     /// How many rows match, honouring `limit` and `offset` as a count of the
     /// query's rows would.
     pub async fn count(self) -> Result<u64> {

@@ -486,6 +486,21 @@ impl Session {
         self.finish_read(result.map(|()| objects)).await
     }
 
+    /// Runs a select of `M`'s columns and hands each decoded row to `on_object`.
+    pub(crate) async fn stream<M: Model>(
+        &mut self,
+        statement: SelectStatement,
+        mut on_object: impl FnMut(M) -> Result<()>,
+    ) -> Result<()> {
+        self.prepare_read().await?;
+        let writer = statement.render(&self.dialect);
+        let exec = Executor::new(self.conn.as_ref().expect("connected"), self.engine.echo());
+        let result = exec
+            .for_each_row(&writer.sql, &writer.params, |row| on_object(M::from_row(&row)?))
+            .await;
+        self.finish_read(result).await
+    }
+
     /// Runs a select whose rows are returned as they are (for `count`).
     pub(crate) async fn fetch_rows(&mut self, statement: SelectStatement) -> Result<Vec<Row>> {
         self.prepare_read().await?;
