@@ -1,6 +1,7 @@
 //! The engine: a parsed URL, options, and a lazily connecting pool.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -306,11 +307,38 @@ impl Connection {
 pub(crate) struct Executor<'c> {
     client: &'c deadpool_postgres::ClientWrapper,
     echo: bool,
+    /// Set while a session's BEGIN is decided but not yet sent: the next
+    /// statement carries it in the same round trip. Cleared just before it
+    /// goes out, so a cancelled call still counts the transaction as open.
+    pending_begin: Option<&'c AtomicBool>,
 }
 
 impl<'c> Executor<'c> {
     pub(crate) fn new(client: &'c deadpool_postgres::ClientWrapper, echo: bool) -> Self {
-        Executor { client, echo }
+        Executor {
+            client,
+            echo,
+            pending_begin: None,
+        }
+    }
+
+    /// Sends `BEGIN` with the first statement when `flag` is set.
+    pub(crate) fn with_pending_begin(mut self, flag: &'c AtomicBool) -> Self {
+        self.pending_begin = Some(flag);
+        self
+    }
+
+    /// Runs `work`, preceded in the same round trip by a pending `BEGIN`:
+    /// tokio-postgres pipelines requests that are in flight together.
+    async fn pipelined<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match self.pending_begin {
+            Some(flag) if flag.swap(false, Ordering::AcqRel) => {
+                let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), work).await;
+                began?;
+                result
+            }
+            _ => work.await,
+        }
     }
 
     fn log(&self, sql: &str, params: usize, started: Option<Instant>) {
@@ -341,6 +369,15 @@ impl<'c> Executor<'c> {
         &self,
         sql: &str,
         params: &[Param],
+        on_row: impl FnMut(Row) -> Result<()>,
+    ) -> Result<()> {
+        self.pipelined(self.for_each_row_now(sql, params, on_row)).await
+    }
+
+    async fn for_each_row_now(
+        &self,
+        sql: &str,
+        params: &[Param],
         mut on_row: impl FnMut(Row) -> Result<()>,
     ) -> Result<()> {
         let started = self.echo.then(Instant::now);
@@ -362,6 +399,10 @@ impl<'c> Executor<'c> {
     }
 
     pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {
+        self.pipelined(self.execute_now(sql, params)).await
+    }
+
+    async fn execute_now(&self, sql: &str, params: &[Param]) -> Result<u64> {
         let started = self.echo.then(Instant::now);
         let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
         let count = self
@@ -374,6 +415,10 @@ impl<'c> Executor<'c> {
     }
 
     pub(crate) async fn raw_query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.pipelined(self.raw_query_now(sql, params)).await
+    }
+
+    async fn raw_query_now(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let started = self.echo.then(Instant::now);
         let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
         let rows = self
@@ -386,6 +431,10 @@ impl<'c> Executor<'c> {
     }
 
     pub(crate) async fn raw_execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.pipelined(self.raw_execute_now(sql, params)).await
+    }
+
+    async fn raw_execute_now(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let started = self.echo.then(Instant::now);
         let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
         let count = self
@@ -399,6 +448,10 @@ impl<'c> Executor<'c> {
 
     /// Runs statements without parameters over the simple protocol.
     pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
+        self.pipelined(self.batch_now(sql)).await
+    }
+
+    async fn batch_now(&self, sql: &str) -> Result<()> {
         let started = self.echo.then(Instant::now);
         self.client.batch_execute(sql).await.map_err(Error::from_driver)?;
         self.log(sql, 0, started);

@@ -3,6 +3,7 @@
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -107,9 +108,12 @@ pub struct Session {
     engine: Engine,
     config: SessionConfig,
     conn: Option<deadpool_postgres::Object>,
-    /// A BEGIN may have been sent and not yet ended. Set before BEGIN goes
-    /// out, so a cancelled call errs on the side of rolling back.
+    /// A transaction is open, or decided and about to open.
     in_transaction: bool,
+    /// The transaction's BEGIN has not been sent yet: it goes out with the
+    /// next statement, in the same round trip. If no statement follows,
+    /// ending the transaction costs nothing.
+    begin_pending: AtomicBool,
     /// A flush or statement failed inside the transaction: only `rollback`
     /// (or `close`) may follow. Holds the failure's description.
     failed: Option<String>,
@@ -141,6 +145,7 @@ impl Session {
             config,
             conn: None,
             in_transaction: false,
+            begin_pending: AtomicBool::new(false),
             failed: None,
             units: HashMap::new(),
             dialect: PgDialect,
@@ -224,20 +229,33 @@ impl Session {
             self.conn = Some(self.engine.checkout().await?);
         }
         if !self.config.autocommit && !self.in_transaction {
-            self.begin_on_connection().await?;
+            self.open_transaction();
         }
         Ok(())
     }
 
-    async fn begin_on_connection(&mut self) -> Result<()> {
+    /// Decides on a transaction; its BEGIN travels with the next statement.
+    fn open_transaction(&mut self) {
         self.in_transaction = true;
-        let conn = self.conn.as_ref().expect("connect() checked out a connection");
-        if let Err(error) = Executor::new(conn, self.engine.echo()).batch("BEGIN").await {
-            self.in_transaction = false;
-            self.conn = None;
-            return Err(error);
+        self.begin_pending.store(true, Ordering::Release);
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK`, unless its BEGIN
+    /// was never sent, in which case there is nothing to end.
+    async fn end_transaction(&mut self, statement: &str) -> Result<()> {
+        self.in_transaction = false;
+        if self.begin_pending.swap(false, Ordering::AcqRel) {
+            return Ok(());
         }
-        Ok(())
+        match &self.conn {
+            Some(conn) => Executor::new(conn, self.engine.echo()).batch(statement).await,
+            None => Ok(()),
+        }
+    }
+
+    fn executor(&self) -> Executor<'_> {
+        Executor::new(self.conn.as_ref().expect("connected"), self.engine.echo())
+            .with_pending_begin(&self.begin_pending)
     }
 
     /// Lets the connection go back to the pool when no transaction holds it.
@@ -251,18 +269,19 @@ impl Session {
     /// it, so end it now and refuse further work until `rollback`.
     async fn fail_transaction(&mut self, error: &Error) {
         if self.in_transaction {
-            if let Some(conn) = &self.conn {
-                if Executor::new(conn, self.engine.echo()).batch("ROLLBACK").await.is_err() {
-                    // The connection is unusable: never hand it back to the pool.
-                    if let Some(conn) = self.conn.take() {
-                        drop(deadpool_postgres::Object::take(conn));
-                    }
-                }
+            if self.end_transaction("ROLLBACK").await.is_err() {
+                self.discard_connection();
             }
-            self.in_transaction = false;
             self.failed = Some(error.to_string());
         }
         self.conn = None;
+    }
+
+    /// Closes the connection instead of pooling it: its state is unknown.
+    fn discard_connection(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
     }
 
     /// Opens a transaction now. In autocommit mode this starts a block that
@@ -278,7 +297,8 @@ impl Session {
         if self.conn.is_none() {
             self.conn = Some(self.engine.checkout().await?);
         }
-        self.begin_on_connection().await
+        self.open_transaction();
+        Ok(())
     }
 
     /// Sends every pending change: inserts parents before children, then
@@ -301,16 +321,17 @@ impl Session {
         self.connect().await?;
         let own_transaction = !self.in_transaction;
         if own_transaction {
-            self.begin_on_connection().await?;
+            self.open_transaction();
         }
         let Session {
             conn,
             units,
             engine,
             dialect,
+            begin_pending,
             ..
         } = self;
-        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo());
+        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let mut order: Vec<&mut Box<dyn TableUnit>> = units.values_mut().collect();
         order.sort_by_key(|u| (flush_rank(u.table().name), u.table().name));
         for unit in order.iter_mut() {
@@ -323,8 +344,7 @@ impl Session {
             unit.flush_deletes(&exec, dialect).await?;
         }
         if own_transaction {
-            exec.batch("COMMIT").await?;
-            self.in_transaction = false;
+            self.end_transaction("COMMIT").await?;
             self.release_if_idle();
         }
         Ok(())
@@ -336,12 +356,11 @@ impl Session {
     pub async fn commit(&mut self) -> Result<()> {
         self.flush().await?;
         if self.in_transaction {
-            let conn = self.conn.as_ref().expect("a transaction has a connection");
-            if let Err(error) = Executor::new(conn, self.engine.echo()).batch("COMMIT").await {
-                self.fail_transaction(&error).await;
+            if let Err(error) = self.end_transaction("COMMIT").await {
+                self.failed = Some(error.to_string());
+                self.discard_connection();
                 return Err(error);
             }
-            self.in_transaction = false;
         }
         self.conn = None;
         let expire = self.config.expire_on_commit;
@@ -357,15 +376,10 @@ impl Session {
     pub async fn rollback(&mut self) -> Result<()> {
         let mut result = Ok(());
         if self.in_transaction {
-            if let Some(conn) = &self.conn {
-                result = Executor::new(conn, self.engine.echo()).batch("ROLLBACK").await;
-                if result.is_err() {
-                    if let Some(conn) = self.conn.take() {
-                        drop(deadpool_postgres::Object::take(conn));
-                    }
-                }
+            result = self.end_transaction("ROLLBACK").await;
+            if result.is_err() {
+                self.discard_connection();
             }
-            self.in_transaction = false;
         }
         self.conn = None;
         self.failed = None;
@@ -472,9 +486,13 @@ impl Session {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
         let Session {
-            conn, units, engine, ..
+            conn,
+            units,
+            engine,
+            begin_pending,
+            ..
         } = self;
-        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo());
+        let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let unit = unit_of::<M>(units);
         let mut objects = Vec::new();
         let result = exec
@@ -494,8 +512,8 @@ impl Session {
     ) -> Result<()> {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
-        let exec = Executor::new(self.conn.as_ref().expect("connected"), self.engine.echo());
-        let result = exec
+        let result = self
+            .executor()
             .for_each_row(&writer.sql, &writer.params, |row| on_object(M::from_row(&row)?))
             .await;
         self.finish_read(result).await
@@ -505,8 +523,7 @@ impl Session {
     pub(crate) async fn fetch_rows(&mut self, statement: SelectStatement) -> Result<Vec<Row>> {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
-        let exec = Executor::new(self.conn.as_ref().expect("connected"), self.engine.echo());
-        let result = exec.query(&writer.sql, &writer.params).await;
+        let result = self.executor().query(&writer.sql, &writer.params).await;
         self.finish_read(result).await
     }
 
@@ -514,8 +531,7 @@ impl Session {
     /// transaction (after an autoflush) and returns its rows.
     pub async fn raw_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.prepare_read().await?;
-        let conn = self.conn.as_ref().expect("connected");
-        let result = Executor::new(conn, self.engine.echo()).raw_query(sql, params).await;
+        let result = self.executor().raw_query(sql, params).await;
         self.finish_read(result).await
     }
 
@@ -523,8 +539,7 @@ impl Session {
     /// transaction (after an autoflush) and returns how many rows it changed.
     pub async fn raw_execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         self.prepare_read().await?;
-        let conn = self.conn.as_ref().expect("connected");
-        let result = Executor::new(conn, self.engine.echo()).raw_execute(sql, params).await;
+        let result = self.executor().raw_execute(sql, params).await;
         self.finish_read(result).await
     }
 }
@@ -561,7 +576,8 @@ pub(crate) fn select_all<M: Model>(filter: Option<Expr>) -> SelectStatement {
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if self.in_transaction {
+            // A BEGIN still pending was never sent: the connection is clean.
+            if self.in_transaction && !self.begin_pending.load(Ordering::Acquire) {
                 release_after_rollback(conn);
             }
         }

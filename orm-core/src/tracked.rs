@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use crate::error::{Error, Result};
@@ -37,6 +38,9 @@ pub(crate) struct Meta {
     /// Set by `commit` with `expire_on_commit`: the next load of this row
     /// overwrites the value with fresh database state.
     pub(crate) expired: bool,
+    /// The session's "some object of this model may have changed" flag,
+    /// raised by `write()`, so a flush need not inspect every clean object.
+    pub(crate) dirty: Option<Arc<AtomicBool>>,
 }
 
 pub(crate) struct Shared<M> {
@@ -90,7 +94,11 @@ impl<M: Model> Tracked<M> {
         Tracked {
             inner: Arc::new(Shared {
                 data: RwLock::new(Data { value, loaded: None }),
-                meta: Mutex::new(Meta { status, expired: false }),
+                meta: Mutex::new(Meta {
+                    status,
+                    expired: false,
+                    dirty: None,
+                }),
             }),
         }
     }
@@ -127,9 +135,16 @@ impl<M: Model> Tracked<M> {
     /// known database state at the next flush.
     pub fn write(&self) -> TrackedMut<'_, M> {
         let mut data = self.inner.data.write().unwrap_or_else(PoisonError::into_inner);
-        if self.status() == ObjectStatus::Persistent && data.loaded.is_none() {
-            data.loaded = Some(data.value.clone());
+        let meta = self.meta();
+        if meta.status == ObjectStatus::Persistent {
+            if data.loaded.is_none() {
+                data.loaded = Some(data.value.clone());
+            }
+            if let Some(dirty) = &meta.dirty {
+                dirty.store(true, Ordering::Release);
+            }
         }
+        drop(meta);
         TrackedMut(data)
     }
 

@@ -5,6 +5,8 @@ use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
@@ -43,6 +45,8 @@ pub(crate) struct TableState<M: Model> {
     pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>>,
     pub(crate) new: Vec<Tracked<M>>,
     pub(crate) deleted: Vec<(M::PrimaryKey, Tracked<M>)>,
+    /// Raised when a persistent object may have changed; see `Meta::dirty`.
+    dirty: Arc<AtomicBool>,
 }
 
 impl<M: Model> Default for TableState<M> {
@@ -51,6 +55,7 @@ impl<M: Model> Default for TableState<M> {
             identity: HashMap::new(),
             new: Vec::new(),
             deleted: Vec::new(),
+            dirty: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -76,6 +81,7 @@ impl<M: Model> TableState<M> {
             return existing.clone();
         }
         let tracked = Tracked::new(value, ObjectStatus::Persistent);
+        tracked.meta().dirty = Some(Arc::clone(&self.dirty));
         self.identity.insert(key, tracked.clone());
         tracked
     }
@@ -95,8 +101,9 @@ impl<M: Model> TableState<M> {
             if changed.is_empty() {
                 // Borrowed mutably but left as it was: nothing to send. While
                 // the caller still reads it, the check simply runs again later.
-                if let Ok(mut data) = tracked.data_mut() {
-                    data.loaded = None;
+                match tracked.data_mut() {
+                    Ok(mut data) => data.loaded = None,
+                    Err(_) => self.dirty.store(true, Ordering::Release),
                 }
                 continue;
             }
@@ -255,7 +262,11 @@ impl<M: Model> TableState<M> {
                 data.loaded = None;
                 data.value.primary_key()
             };
-            object.meta().status = ObjectStatus::Persistent;
+            {
+                let mut meta = object.meta();
+                meta.status = ObjectStatus::Persistent;
+                meta.dirty = Some(Arc::clone(&self.dirty));
+            }
             self.identity.insert(key, object);
         }
         Ok(())
@@ -281,12 +292,7 @@ impl<M: Model> TableUnit for TableState<M> {
     }
 
     fn has_changes(&self) -> bool {
-        !self.new.is_empty()
-            || !self.deleted.is_empty()
-            || self
-                .identity
-                .values()
-                .any(|t| t.data().map_or(true, |d| d.loaded.is_some()))
+        !self.new.is_empty() || !self.deleted.is_empty() || self.dirty.load(Ordering::Acquire)
     }
 
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
@@ -318,6 +324,9 @@ impl<M: Model> TableUnit for TableState<M> {
     fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let table = M::TABLE;
+            if !self.dirty.swap(false, Ordering::AcqRel) {
+                return Ok(());
+            }
             for (changed, objects) in self.dirty_groups()? {
                 let writer = {
                     let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
@@ -398,6 +407,7 @@ impl<M: Model> TableUnit for TableState<M> {
         self.identity.clear();
         self.new.clear();
         self.deleted.clear();
+        self.dirty.store(false, Ordering::Release);
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

@@ -542,3 +542,26 @@ async fn sessions_made_directly_behave_like_factory_sessions() {
     session.close().await.unwrap();
     assert_eq!(db.scalar("SELECT count(*) FROM posts").await, 1);
 }
+
+#[tokio::test]
+async fn begin_travels_with_the_first_statement_and_costs_nothing_unused() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let echo = EchoCapture::start();
+    session.begin().await.unwrap();
+    session.commit().await.unwrap();
+    assert!(echo.take().is_empty(), "a transaction with no statement sends nothing");
+
+    // The first read opens the transaction; another session does not see its writes.
+    assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+    assert!(session.in_transaction());
+    let statements = echo.take();
+    assert_eq!(statements.first().map(String::as_str), Some("BEGIN"), "{statements:?}");
+    session
+        .raw_execute("INSERT INTO users (name) VALUES ('inside')", &[])
+        .await
+        .unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    session.rollback().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
