@@ -7,8 +7,10 @@
 //! ORM_BENCH_SMOKE=1 cargo bench --bench orm_vs_raw   # tiny sizes, one sample: CI keeps it compiling and working
 //! ```
 //!
-//! The raw side uses statements prepared once, on one connection of its own;
-//! the ORM side goes through its engine, pool and sessions as users would.
+//! The raw side uses statements prepared once, on the same pooled connection
+//! the ORM's sessions use (a pool of one), so that both talk to the same
+//! server backend; the ORM side goes through its engine, pool and sessions
+//! as users would.
 //! Both decode rows into the same struct. This is a benchmark, not a test:
 //! nothing here asserts a duration.
 
@@ -20,7 +22,7 @@ use orm::dev::{DevServer, TestDatabase};
 use orm::prelude::*;
 use orm::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use orm::tokio_postgres::types::{ToSql, Type};
-use orm::tokio_postgres::{self, Client, NoTls, Row};
+use orm::tokio_postgres::Row;
 
 orm::declarative_base!(BenchBase);
 
@@ -195,13 +197,22 @@ struct Bench {
     /// An autocommit factory for lone reads: like the raw side, they run
     /// outside an explicit transaction.
     readers: SessionMaker,
-    raw: Client,
+    /// Raw tokio-postgres runs on the pool's one connection too, so both
+    /// sides talk to the same server backend: latency differs between
+    /// backends far more than between the two ways of calling them.
     report: Report,
 }
 
 impl Bench {
     async fn sql(&self, sql: &str) {
-        self.raw.batch_execute(sql).await.expect(sql);
+        self.engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
+            .batch_execute(sql)
+            .await
+            .expect(sql);
     }
 
     async fn fill_users(&self, count: usize) {
@@ -217,11 +228,15 @@ impl Bench {
     async fn select_all(&mut self, rows: usize) {
         self.fill_users(rows).await;
         let statement = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare("SELECT id, name, email, age FROM users")
             .await
             .unwrap();
-        let (sessions, raw) = (&self.readers, &self.raw);
+        let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
             || async {},
@@ -235,6 +250,8 @@ impl Bench {
                 .await
             },
             || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
                 timed(async {
                     let users: Vec<User> = raw
                         .query(&statement, &[])
@@ -255,11 +272,15 @@ impl Bench {
     async fn get_by_primary_key(&mut self, lookups: i64) {
         self.fill_users(lookups as usize).await;
         let statement = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare("SELECT id, name, email, age FROM users WHERE id = $1")
             .await
             .unwrap();
-        let (sessions, raw) = (&self.readers, &self.raw);
+        let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
             || async {},
@@ -275,6 +296,8 @@ impl Bench {
                 .await
             },
             || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
                 timed(async {
                     for id in 1..=lookups {
                         let user = user_from_row(&raw.query_one(&statement, &[&id]).await.unwrap());
@@ -297,13 +320,17 @@ impl Bench {
         )
         .await;
         let statement = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare(
                 "SELECT id, user_id, title, score FROM posts WHERE score > $1 ORDER BY score DESC, id ASC LIMIT $2",
             )
             .await
             .unwrap();
-        let (sessions, raw) = (&self.readers, &self.raw);
+        let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
             || async {},
@@ -325,6 +352,8 @@ impl Bench {
                 .await
             },
             || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
                 timed(async {
                     let posts: Vec<Post> = raw
                         .query(&statement, &[&500i32, &20i64])
@@ -349,12 +378,18 @@ impl Bench {
 
     async fn insert(&mut self, rows: usize) {
         let single = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare("INSERT INTO new_users (name, email, age) VALUES ($1, $2, $3) RETURNING id")
             .await
             .unwrap();
-        let (sessions, raw, engine) = (&self.sessions, &self.raw, &self.engine);
+        let (sessions, engine) = (&self.sessions, &self.engine);
         let truncate = || async {
+            let conn = engine.connect().await.unwrap();
+            let raw = conn.client();
             raw.batch_execute("TRUNCATE new_users RESTART IDENTITY").await.unwrap();
         };
         let orm_insert = || async {
@@ -370,6 +405,8 @@ impl Bench {
 
         // Against one INSERT ... RETURNING per row, in one transaction.
         let (orm, raw_single) = compare(&self.config, truncate, orm_insert, || async {
+            let conn = engine.connect().await.unwrap();
+            let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
             timed(async {
                 raw.batch_execute("BEGIN").await.unwrap();
@@ -397,6 +434,8 @@ impl Bench {
 
         // Against a hand-written multi-row INSERT ... VALUES ... RETURNING.
         let (orm, raw_multi) = compare(&self.config, truncate, orm_insert, || async {
+            let conn = engine.connect().await.unwrap();
+            let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
             timed(async {
                 // 65,535 parameters at most per statement: 3 per row.
@@ -428,6 +467,8 @@ impl Bench {
 
         // Against binary COPY, the fastest way in (no keys come back).
         let (orm, raw_copy) = compare(&self.config, truncate, orm_insert, || async {
+            let conn = engine.connect().await.unwrap();
+            let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
             timed(async {
                 let sink = raw
@@ -459,11 +500,15 @@ impl Bench {
     async fn update(&mut self, rows: usize) {
         self.fill_users(rows).await;
         let statement = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare("UPDATE users SET age = $1 WHERE id = $2")
             .await
             .unwrap();
-        let (sessions, raw) = (&self.sessions, &self.raw);
+        let (sessions, engine) = (&self.sessions, &self.engine);
         let mut round = 0i32;
         let (orm, raw) = compare(
             &self.config,
@@ -482,7 +527,9 @@ impl Bench {
                     })
                     .await;
                     session.close().await.unwrap();
-                    let updated: i64 = raw
+                    let conn = engine.connect().await.unwrap();
+                    let updated: i64 = conn
+                        .client()
                         .query_one("SELECT count(*) FROM users WHERE age = $1", &[&age])
                         .await
                         .unwrap()
@@ -492,6 +539,8 @@ impl Bench {
                 }
             },
             || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
                 let users: Vec<User> = raw
                     .query("SELECT id, name, email, age FROM users", &[])
                     .await
@@ -521,11 +570,15 @@ impl Bench {
     async fn stream(&mut self, rows: usize) {
         self.fill_users(rows).await;
         let statement = self
-            .raw
+            .engine
+            .connect()
+            .await
+            .unwrap()
+            .client()
             .prepare("SELECT id, name, email, age FROM users")
             .await
             .unwrap();
-        let (sessions, raw) = (&self.readers, &self.raw);
+        let (sessions, engine) = (&self.readers, &self.engine);
         let orm_peak = std::cell::Cell::new(0);
         let raw_peak = std::cell::Cell::new(0);
         let base = resident_kib();
@@ -557,6 +610,8 @@ impl Bench {
                 took
             },
             || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
                 let mut seen = 0usize;
                 let mut peak = 0;
                 let took = timed(async {
@@ -610,19 +665,14 @@ async fn main() {
     };
     let server = DevServer::start().await.expect("a PostgreSQL server");
     let database = TestDatabase::create(&server).await.expect("a scratch database");
-    let engine = Engine::builder(database.url()).pool_size(4).build().expect("engine");
+    let engine = Engine::builder(database.url()).pool_size(1).build().expect("engine");
     BenchBase::create_all(&engine).await.expect("create_all");
-    let (raw, connection) = tokio_postgres::connect(database.url(), NoTls)
-        .await
-        .expect("raw connection");
-    tokio::spawn(connection);
 
     let mut bench = Bench {
         config,
         sessions: sessionmaker(&engine),
         readers: sessionmaker(&engine).autocommit(true),
         engine,
-        raw,
         report: Report { rows: Vec::new() },
     };
     println!("orm vs raw tokio-postgres{}", if smoke { " (smoke run)" } else { "" });

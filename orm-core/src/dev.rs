@@ -220,7 +220,11 @@ fn run(command: &mut Command, what: &str) -> Result<()> {
 }
 
 fn find_postgres_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PATH") {
+    find_postgres_bin_in(std::env::var_os("PATH"), Path::new("/usr/lib/postgresql"))
+}
+
+fn find_postgres_bin_in(path: Option<std::ffi::OsString>, debian_root: &Path) -> Result<PathBuf> {
+    if let Some(path) = path {
         for dir in std::env::split_paths(&path) {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
                 return Ok(dir);
@@ -228,7 +232,7 @@ fn find_postgres_bin() -> Result<PathBuf> {
         }
     }
     // Debian and Ubuntu keep the server binaries out of PATH, one directory per version.
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(debian_root)
         .into_iter()
         .flatten()
         .flatten()
@@ -336,5 +340,34 @@ impl Drop for TestDatabase {
             }
         })
         .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_installation_says_what_to_install_or_set() {
+        let empty = std::env::temp_dir().join(format!("orm-no-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).unwrap();
+        let error = find_postgres_bin_in(Some(empty.clone().into_os_string()), &empty).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("apt-get install postgresql"), "{message}");
+        assert!(message.contains("DATABASE_URL"), "{message}");
+        std::fs::remove_dir_all(&empty).unwrap();
+    }
+
+    #[test]
+    fn the_newest_debian_version_is_preferred() {
+        let root = std::env::temp_dir().join(format!("orm-fake-pg-{}", std::process::id()));
+        for version in ["13", "15", "9"] {
+            let bin = root.join(version).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::write(bin.join("initdb"), "").unwrap();
+        }
+        let found = find_postgres_bin_in(None, &root).unwrap();
+        assert_eq!(found, root.join("15").join("bin"));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

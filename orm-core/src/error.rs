@@ -293,6 +293,8 @@ impl Error {
                     source,
                 },
                 "28P01" | "28000" => Error::AuthenticationFailed { message, source },
+                // The server ended this backend (pg_terminate_backend, shutdown).
+                "57P01" | "57P02" | "57P03" => Error::ConnectionLost { source },
                 "3D000" => Error::DatabaseNotFound { message, source },
                 code => Error::Database {
                     code: Some(code.to_owned()),

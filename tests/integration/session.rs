@@ -565,3 +565,21 @@ async fn begin_travels_with_the_first_statement_and_costs_nothing_unused() {
     session.rollback().await.unwrap();
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
 }
+
+#[tokio::test]
+async fn a_lost_connection_is_typed_and_the_session_recovers() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+    let pid: i32 = session.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0);
+    db.execute(&format!("SELECT pg_terminate_backend({pid})")).await;
+
+    let error = session.query::<User>().count().await.unwrap_err();
+    assert!(matches!(error, Error::ConnectionLost { .. }), "{error:?}");
+    session.rollback().await.unwrap();
+    // The dead connection was not pooled again: the session works on a new one.
+    assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+    let new_pid: i32 = session.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0);
+    assert_ne!(pid, new_pid);
+}
