@@ -171,10 +171,19 @@ where
     let (mut orm_samples, mut raw_samples) = (Vec::new(), Vec::new());
     let started = Instant::now();
     while orm_samples.len() < config.samples_cap() && (orm_samples.len() < 5 || started.elapsed() < config.budget * 2) {
-        setup().await;
-        orm_samples.push(orm().await);
-        setup().await;
-        raw_samples.push(raw().await);
+        // Alternate which side goes first, so neither always runs on caches
+        // the other warmed.
+        if orm_samples.len() % 2 == 0 {
+            setup().await;
+            orm_samples.push(orm().await);
+            setup().await;
+            raw_samples.push(raw().await);
+        } else {
+            setup().await;
+            raw_samples.push(raw().await);
+            setup().await;
+            orm_samples.push(orm().await);
+        }
         if config.smoke {
             break;
         }

@@ -170,7 +170,7 @@ impl Session {
     /// handle through which it is read and changed. Values the database
     /// generates (identity keys, server defaults) appear on it after the flush.
     pub fn add<M: Model>(&mut self, object: M) -> Tracked<M> {
-        let tracked = Tracked::new(object, ObjectStatus::Pending);
+        let tracked = Tracked::new(object, ObjectStatus::Pending, None);
         self.unit::<M>().new.push(tracked.clone());
         tracked
     }

@@ -90,14 +90,14 @@ fn borrowed<M: Model>() -> Error {
 }
 
 impl<M: Model> Tracked<M> {
-    pub(crate) fn new(value: M, status: ObjectStatus) -> Self {
+    pub(crate) fn new(value: M, status: ObjectStatus, dirty: Option<Arc<AtomicBool>>) -> Self {
         Tracked {
             inner: Arc::new(Shared {
                 data: RwLock::new(Data { value, loaded: None }),
                 meta: Mutex::new(Meta {
                     status,
                     expired: false,
-                    dirty: None,
+                    dirty,
                 }),
             }),
         }

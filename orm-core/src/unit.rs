@@ -42,7 +42,7 @@ pub(crate) trait TableUnit: Send + Sync {
 }
 
 pub(crate) struct TableState<M: Model> {
-    pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>>,
+    pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>, foldhash::fast::RandomState>,
     pub(crate) new: Vec<Tracked<M>>,
     pub(crate) deleted: Vec<(M::PrimaryKey, Tracked<M>)>,
     /// Raised when a persistent object may have changed; see `Meta::dirty`.
@@ -52,7 +52,7 @@ pub(crate) struct TableState<M: Model> {
 impl<M: Model> Default for TableState<M> {
     fn default() -> Self {
         TableState {
-            identity: HashMap::new(),
+            identity: HashMap::default(),
             new: Vec::new(),
             deleted: Vec::new(),
             dirty: Arc::new(AtomicBool::new(false)),
@@ -80,8 +80,7 @@ impl<M: Model> TableState<M> {
             drop(meta);
             return existing.clone();
         }
-        let tracked = Tracked::new(value, ObjectStatus::Persistent);
-        tracked.meta().dirty = Some(Arc::clone(&self.dirty));
+        let tracked = Tracked::new(value, ObjectStatus::Persistent, Some(Arc::clone(&self.dirty)));
         self.identity.insert(key, tracked.clone());
         tracked
     }
