@@ -200,3 +200,25 @@ pub mod __private {
     pub use orm_core::codegen::*;
     pub use orm_core::inventory;
 }
+
+/// The README and every chapter of the guide in `docs/`, compiled as
+/// doctests so their examples cannot rot.
+#[cfg(doctest)]
+mod guide {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/src/introduction.md")]
+    struct Introduction;
+    #[doc = include_str!("../docs/src/engine.md")]
+    struct EngineChapter;
+    #[doc = include_str!("../docs/src/sessions.md")]
+    struct Sessions;
+    #[doc = include_str!("../docs/src/models.md")]
+    struct Models;
+    #[doc = include_str!("../docs/src/creating-tables.md")]
+    struct CreatingTables;
+    #[doc = include_str!("../docs/src/querying.md")]
+    struct Querying;
+    #[doc = include_str!("../docs/src/errors.md")]
+    struct Errors;
+}
