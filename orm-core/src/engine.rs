@@ -32,6 +32,7 @@ struct EngineInner {
     url: DatabaseUrl,
     pool: Pool,
     pool_timeout: Duration,
+    connect_timeout: Option<Duration>,
     echo: bool,
 }
 
@@ -167,10 +168,11 @@ impl EngineBuilder {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let connect_timeout = self.connect_timeout.or(url.connect_timeout);
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.pool_timeout))
-            .create_timeout(self.connect_timeout.or(url.connect_timeout))
+            .create_timeout(connect_timeout)
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::InvalidOption {
@@ -182,6 +184,7 @@ impl EngineBuilder {
                 url,
                 pool,
                 pool_timeout: self.pool_timeout,
+                connect_timeout,
                 echo: self.echo,
             }),
         })
@@ -247,7 +250,7 @@ impl Engine {
             .pool
             .get()
             .await
-            .map_err(|e| Error::from_pool(e, self.inner.pool_timeout))
+            .map_err(|e| Error::from_pool(e, self.inner.pool_timeout, self.inner.connect_timeout))
     }
 
     /// Runs DDL statements in one transaction.
@@ -341,16 +344,25 @@ impl<'c> Executor<'c> {
         }
     }
 
-    fn log(&self, sql: &str, params: usize, started: Option<Instant>) {
-        if let Some(started) = started {
-            tracing::info!(
-                target: "orm::echo",
-                sql,
-                params,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "{sql}"
-            );
+    /// Runs one statement with echo: its text, parameter count and
+    /// duration are logged whether it succeeds or fails.
+    async fn echoed<T>(
+        &self,
+        sql: &str,
+        params: usize,
+        work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        if !self.echo {
+            return work.await.map_err(Error::from_driver);
         }
+        let started = Instant::now();
+        let result = work.await.map_err(Error::from_driver);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        match &result {
+            Ok(_) => tracing::info!(target: "orm::echo", sql, params, elapsed_us, "{sql}"),
+            Err(error) => tracing::info!(target: "orm::echo", sql, params, elapsed_us, %error, "{sql}"),
+        }
+        result
     }
 
     pub(crate) async fn query(&self, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
@@ -380,13 +392,15 @@ impl<'c> Executor<'c> {
         params: &[Param],
         mut on_row: impl FnMut(Row) -> Result<()>,
     ) -> Result<()> {
-        let started = self.echo.then(Instant::now);
         let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
         let stream = self
-            .client
-            .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
-            .await
-            .map_err(Error::from_driver)?;
+            .echoed(
+                sql,
+                params.len(),
+                self.client
+                    .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync))),
+            )
+            .await?;
         let mut stream = std::pin::pin!(stream);
         while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
             .await
@@ -394,56 +408,35 @@ impl<'c> Executor<'c> {
         {
             on_row(row)?;
         }
-        self.log(sql, params.len(), started);
         Ok(())
     }
 
     pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {
-        self.pipelined(self.execute_now(sql, params)).await
-    }
-
-    async fn execute_now(&self, sql: &str, params: &[Param]) -> Result<u64> {
-        let started = self.echo.then(Instant::now);
-        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-        let count = self
-            .client
-            .execute_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
-            .await
-            .map_err(Error::from_driver)?;
-        self.log(sql, params.len(), started);
-        Ok(count)
+        self.pipelined(async {
+            let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            self.echoed(sql, params.len(), self.client.execute_raw(&statement, params))
+                .await
+        })
+        .await
     }
 
     pub(crate) async fn raw_query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.pipelined(self.raw_query_now(sql, params)).await
-    }
-
-    async fn raw_query_now(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let started = self.echo.then(Instant::now);
-        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-        let rows = self
-            .client
-            .query(&statement, params)
-            .await
-            .map_err(Error::from_driver)?;
-        self.log(sql, params.len(), started);
-        Ok(rows)
+        self.pipelined(async {
+            let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+            self.echoed(sql, params.len(), self.client.query(&statement, params))
+                .await
+        })
+        .await
     }
 
     pub(crate) async fn raw_execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.pipelined(self.raw_execute_now(sql, params)).await
-    }
-
-    async fn raw_execute_now(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let started = self.echo.then(Instant::now);
-        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-        let count = self
-            .client
-            .execute(&statement, params)
-            .await
-            .map_err(Error::from_driver)?;
-        self.log(sql, params.len(), started);
-        Ok(count)
+        self.pipelined(async {
+            let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+            self.echoed(sql, params.len(), self.client.execute(&statement, params))
+                .await
+        })
+        .await
     }
 
     /// Runs statements without parameters over the simple protocol.
@@ -452,9 +445,6 @@ impl<'c> Executor<'c> {
     }
 
     async fn batch_now(&self, sql: &str) -> Result<()> {
-        let started = self.echo.then(Instant::now);
-        self.client.batch_execute(sql).await.map_err(Error::from_driver)?;
-        self.log(sql, 0, started);
-        Ok(())
+        self.echoed(sql, 0, self.client.batch_execute(sql)).await
     }
 }

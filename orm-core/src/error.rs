@@ -75,7 +75,14 @@ pub enum Error {
     /// No pooled connection became free within the pool timeout.
     #[error("timed out after {waited:?} waiting for a connection from the pool")]
     PoolTimeout {
-        /// How long the caller waited.
+        /// How long the caller waited (the engine's `pool_timeout`).
+        waited: std::time::Duration,
+    },
+
+    /// Opening a new connection took longer than the connect timeout.
+    #[error("timed out after {waited:?} connecting to the database server")]
+    ConnectTimeout {
+        /// The engine's connect timeout.
         waited: std::time::Duration,
     },
 
@@ -183,7 +190,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
-    /// `one()` found no row, or `get` was asked for a row that does not exist.
+    /// `one()` found no row, or `refresh` found its row gone.
     #[error("no row found in table {table}")]
     NotFound {
         /// The queried table.
@@ -197,8 +204,9 @@ pub enum Error {
         table: String,
     },
 
-    /// An UPDATE or DELETE matched fewer rows than the session expected: the
-    /// rows were deleted or changed by someone else since they were loaded.
+    /// A flush's INSERT, UPDATE or DELETE touched another number of rows than
+    /// the session expected: for updates and deletes, the rows were deleted by
+    /// someone else since they were loaded.
     #[error("stale data in table {table}: expected to {operation} {expected} row(s), matched {actual}")]
     StaleData {
         /// The table.
@@ -341,10 +349,34 @@ impl Error {
         }
     }
 
-    pub(crate) fn from_pool(error: deadpool_postgres::PoolError, waited: std::time::Duration) -> Self {
-        use deadpool_postgres::PoolError;
+    /// Whether the server aborted the transaction the error happened in;
+    /// errors found on the client side (decoding, misuse, a callback's own
+    /// error) leave it usable.
+    pub(crate) fn aborts_transaction(&self) -> bool {
+        matches!(
+            self,
+            Error::UniqueViolation { .. }
+                | Error::ForeignKeyViolation { .. }
+                | Error::CheckViolation { .. }
+                | Error::NotNullViolation { .. }
+                | Error::Database { .. }
+                | Error::ConnectionLost { .. }
+                | Error::ServerUnreachable { .. }
+                | Error::StaleData { .. }
+        )
+    }
+
+    pub(crate) fn from_pool(
+        error: deadpool_postgres::PoolError,
+        pool_timeout: std::time::Duration,
+        connect_timeout: Option<std::time::Duration>,
+    ) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
         match error {
-            PoolError::Timeout(_) => Error::PoolTimeout { waited },
+            PoolError::Timeout(TimeoutType::Create) => Error::ConnectTimeout {
+                waited: connect_timeout.unwrap_or(pool_timeout),
+            },
+            PoolError::Timeout(_) => Error::PoolTimeout { waited: pool_timeout },
             PoolError::Backend(source) => Error::from_driver(source),
             other => Error::InvalidState(format!("connection pool: {other}")),
         }

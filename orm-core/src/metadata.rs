@@ -2,8 +2,7 @@
 //! depend on each other, and the DDL that creates or drops them.
 
 use std::any::TypeId;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -55,7 +54,7 @@ impl MetaData {
         let mut by_name: BTreeMap<&'static str, &'static TableDef> = BTreeMap::new();
         for table in tables {
             if let Some(previous) = by_name.insert(table.name, table) {
-                if !std::ptr::eq(previous, table) {
+                if !previous.same_as(table) {
                     return Err(Error::Metadata(format!(
                         "models {} and {} both map to table {:?}",
                         previous.model, table.model, table.name
@@ -66,7 +65,7 @@ impl MetaData {
         let (order, leftover) = dependency_order(&by_name);
         if !leftover.is_empty() {
             return Err(Error::Metadata(format!(
-                "foreign keys form a cycle between tables {}; break it with a nullable key set after insert",
+                "foreign keys form a cycle between tables {}; tables that reference each other are not supported yet, remove one of the foreign keys from the models",
                 leftover.join(", ")
             )));
         }
@@ -161,20 +160,24 @@ fn dependency_order(tables: &BTreeMap<&'static str, &'static TableDef>) -> (Vec<
     (order, waiting_on.into_keys().collect())
 }
 
-/// Every registered table's position in a global parents-first order, used by
-/// the session to order a flush. Tables on a cycle come last, by name.
-pub(crate) fn flush_rank(table: &'static str) -> usize {
-    static RANKS: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
-    let ranks = RANKS.get_or_init(|| {
-        let tables: BTreeMap<&'static str, &'static TableDef> = inventory::iter::<Registration>
-            .into_iter()
-            .map(|r| (r.table.name, r.table))
-            .collect();
-        let (mut order, leftover) = dependency_order(&tables);
-        order.extend(leftover);
-        order.into_iter().enumerate().map(|(rank, name)| (name, rank)).collect()
-    });
-    ranks.get(table).copied().unwrap_or(usize::MAX)
+/// Orders tables so that every table comes after the tables it references,
+/// telling tables apart by model as well as name (so two bases may each have
+/// a table of the same name). Tables on a foreign key cycle come last, in the order
+/// given. Used by the session to order a flush among the tables it touches.
+pub(crate) fn parents_first(tables: &[&'static TableDef]) -> Vec<&'static TableDef> {
+    let mut remaining: Vec<&'static TableDef> = tables.to_vec();
+    let mut order = Vec::with_capacity(tables.len());
+    while !remaining.is_empty() {
+        let ready = remaining.iter().position(|table| {
+            table.columns.iter().filter_map(|c| c.foreign_key.as_ref()).all(|fk| {
+                let parent = (fk.target)();
+                parent.same_as(table) || !remaining.iter().any(|other| other.same_as(parent))
+            })
+        });
+        // On a cycle nothing is ready: take the first and go on.
+        order.push(remaining.remove(ready.unwrap_or(0)));
+    }
+    order
 }
 
 fn create_table_statement(table: &'static TableDef) -> CreateTableStatement {

@@ -67,6 +67,12 @@ pub struct ForeignKeyDef {
 }
 
 impl TableDef {
+    /// Whether both describe the same model's table. Addresses cannot tell:
+    /// a `const` table description may be copied at each place it is used.
+    pub fn same_as(&self, other: &TableDef) -> bool {
+        self.name == other.name && self.model == other.model && self.columns.len() == other.columns.len()
+    }
+
     /// The column at `position`.
     pub fn column(&self, position: usize) -> &'static ColumnDef {
         &self.columns[position]
@@ -115,6 +121,9 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
 
     /// One column of many objects, as an array bind parameter.
     fn column_array(objects: &[&Self], column: usize) -> Param;
+
+    /// Copies one column's value from `other`.
+    fn copy_column(&mut self, other: &Self, column: usize);
 
     /// Whether the two objects differ in one column.
     fn column_differs(&self, other: &Self, column: usize) -> bool;

@@ -10,8 +10,9 @@ use tokio_postgres::Row;
 
 use crate::engine::{Engine, Executor};
 use crate::error::{Error, Result};
-use crate::metadata::flush_rank;
+use crate::metadata::parents_first;
 use crate::model::Model;
+use crate::model::TableDef;
 use crate::query::Query;
 use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, PgDialect, SelectStatement, Statement};
 use crate::tracked::{ObjectStatus, Tracked};
@@ -117,6 +118,10 @@ pub struct Session {
     /// A flush or statement failed inside the transaction: only `rollback`
     /// (or `close`) may follow. Holds the failure's description.
     failed: Option<String>,
+    /// Set while a flush runs. Still set afterwards only if the flush's
+    /// future was dropped half-way, leaving part of it sent: the session
+    /// then refuses everything but `rollback`, so it cannot commit half a flush.
+    flushing: bool,
     units: HashMap<TypeId, Box<dyn TableUnit>>,
     dialect: PgDialect,
 }
@@ -147,6 +152,7 @@ impl Session {
             in_transaction: false,
             begin_pending: AtomicBool::new(false),
             failed: None,
+            flushing: false,
             units: HashMap::new(),
             dialect: PgDialect,
         }
@@ -187,7 +193,14 @@ impl Session {
         let unit = self.unit::<M>();
         match status {
             ObjectStatus::Pending => {
+                let before = unit.new.len();
                 unit.new.retain(|t| !t.ptr_eq(object));
+                if unit.new.len() == before {
+                    return Err(Error::InvalidState(format!(
+                        "this pending {} object belongs to another session",
+                        M::TABLE.model
+                    )));
+                }
                 object.meta().status = ObjectStatus::Detached;
                 Ok(())
             }
@@ -214,6 +227,12 @@ impl Session {
     }
 
     fn check_usable(&self) -> Result<()> {
+        if self.flushing {
+            return Err(Error::InvalidState(
+                "a flush of this session was interrupted (its future was dropped); call rollback() before using it again"
+                    .into(),
+            ));
+        }
         match &self.failed {
             Some(reason) => Err(Error::InvalidState(format!(
                 "this session's transaction was rolled back after an error ({reason}); call rollback() before using it again"
@@ -243,14 +262,18 @@ impl Session {
     /// Ends the transaction with `COMMIT` or `ROLLBACK`, unless its BEGIN
     /// was never sent, in which case there is nothing to end.
     async fn end_transaction(&mut self, statement: &str) -> Result<()> {
-        self.in_transaction = false;
         if self.begin_pending.swap(false, Ordering::AcqRel) {
+            self.in_transaction = false;
             return Ok(());
         }
-        match &self.conn {
+        let result = match &self.conn {
             Some(conn) => Executor::new(conn, self.engine.echo()).batch(statement).await,
             None => Ok(()),
-        }
+        };
+        // Only now: had this call been cancelled mid-way, the session would
+        // still count the transaction as open and roll it back when dropped.
+        self.in_transaction = false;
+        result
     }
 
     fn executor(&self) -> Executor<'_> {
@@ -310,8 +333,11 @@ impl Session {
         if !self.units.values().any(|u| u.has_changes()) {
             return Ok(());
         }
+        self.flushing = true;
         let result = self.flush_inner().await;
+        self.flushing = false;
         if let Err(error) = &result {
+            // Part of the flush may have reached the server: always roll back.
             self.fail_transaction(error).await;
         }
         result
@@ -333,7 +359,9 @@ impl Session {
         } = self;
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let mut order: Vec<&mut Box<dyn TableUnit>> = units.values_mut().collect();
-        order.sort_by_key(|u| (flush_rank(u.table().name), u.table().name));
+        let tables: Vec<&'static TableDef> = order.iter().map(|u| u.table()).collect();
+        let ranks = parents_first(&tables);
+        order.sort_by_key(|u| ranks.iter().position(|t| t.same_as(u.table())));
         for unit in order.iter_mut() {
             unit.flush_inserts(&exec, dialect).await?;
         }
@@ -383,6 +411,7 @@ impl Session {
         }
         self.conn = None;
         self.failed = None;
+        self.flushing = false;
         for unit in self.units.values_mut() {
             unit.discard();
         }
@@ -432,13 +461,17 @@ impl Session {
     /// any unflushed change. Errors with `NotFound` when the row is gone.
     pub async fn refresh<M: Model>(&mut self, object: &Tracked<M>) -> Result<()> {
         let key = object.data()?.value.primary_key();
-        if let Some(existing) = self.unit::<M>().identity.get(&key) {
-            if !existing.ptr_eq(object) {
-                return Err(Error::InvalidState(format!(
-                    "this {} object is not the one this session tracks for key {key:?}",
-                    M::TABLE.model
-                )));
-            }
+        let tracked_here = self
+            .unit::<M>()
+            .identity
+            .get(&key)
+            .is_some_and(|existing| existing.ptr_eq(object));
+        if !tracked_here {
+            return Err(Error::InvalidState(format!(
+                "this {} object is not persistent in this session (pending, deleted, detached or another session's); \
+                 only objects this session loaded or flushed can be refreshed",
+                M::TABLE.model
+            )));
         }
         object.data_mut()?.loaded = None;
         object.meta().expired = true;
@@ -471,9 +504,9 @@ impl Session {
 
     async fn finish_read<T>(&mut self, result: Result<T>) -> Result<T> {
         if let Err(error) = &result {
-            // Errors found on this side leave the server's transaction intact.
-            let server_side = !matches!(error, Error::TypeMismatch { .. } | Error::InvalidState(_));
-            if server_side {
+            // Errors found on this side (a type mismatch, an error returned by
+            // a for_each callback) leave the server's transaction intact.
+            if error.aborts_transaction() {
                 self.fail_transaction(error).await;
             }
         }

@@ -18,8 +18,8 @@ pub enum ObjectStatus {
     Persistent,
     /// Marked for deletion, or deleted by a flush.
     Deleted,
-    /// No longer tracked by a session (after `rollback`, `close`, or a
-    /// commit that expunged it).
+    /// No longer tracked by a session: after `rollback` or `close`, or a
+    /// pending object removed with `delete` before it was inserted.
     Detached,
 }
 

@@ -72,8 +72,22 @@ impl<M: Model> TableState<M> {
                 // If the caller still borrows the object, it stays expired
                 // and is refreshed by a later load instead.
                 if let Ok(mut data) = existing.data_mut() {
-                    data.value = value;
-                    data.loaded = None;
+                    let data = &mut *data;
+                    match data.loaded.take() {
+                        // Unflushed changes survive: columns the caller changed
+                        // keep the caller's value, the others take the fresh
+                        // one, and the fresh state becomes the snapshot the
+                        // next flush compares against.
+                        Some(before) => {
+                            for column in 0..M::TABLE.columns.len() {
+                                if !data.value.column_differs(&before, column) {
+                                    data.value.copy_column(&value, column);
+                                }
+                            }
+                            data.loaded = Some(value);
+                        }
+                        None => data.value = value,
+                    }
                     meta.expired = false;
                 }
             }
@@ -301,9 +315,11 @@ impl<M: Model> TableUnit for TableState<M> {
             }
             // Objects whose unset columns differ need different column lists:
             // one statement per distinct list, objects keeping their order.
+            // The list is emptied only once every group is in: after a failure
+            // the objects are still listed, so a rollback detaches them all.
             let mut groups: Vec<(Vec<usize>, Vec<Tracked<M>>)> = Vec::new();
             let columns = M::TABLE.columns.len();
-            for object in std::mem::take(&mut self.new) {
+            for object in self.new.clone() {
                 let omitted: Vec<usize> = {
                     let data = object.data()?;
                     (0..columns).filter(|&c| data.value.column_is_unset(c)).collect()
@@ -316,6 +332,7 @@ impl<M: Model> TableUnit for TableState<M> {
             for (omitted, objects) in groups {
                 self.insert_group(exec, dialect, omitted, objects).await?;
             }
+            self.new.clear();
             Ok(())
         })
     }
@@ -361,7 +378,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 return Ok(());
             }
             let table = M::TABLE;
-            let deleted = std::mem::take(&mut self.deleted);
+            let deleted = &self.deleted;
             let writer = {
                 let states = deleted.iter().map(|(_, o)| o.data()).collect::<Result<Vec<_>>>()?;
                 // The key the row was loaded with, not a value edited since.
@@ -375,7 +392,7 @@ impl<M: Model> TableUnit for TableState<M> {
             };
             let removed = exec.execute(&writer.sql, &writer.params).await?;
             check_count(table, "delete", deleted.len(), removed)?;
-            for (_, object) in deleted {
+            for (_, object) in std::mem::take(&mut self.deleted) {
                 object.meta().status = ObjectStatus::Deleted;
                 if let Ok(mut data) = object.data_mut() {
                     data.loaded = None;

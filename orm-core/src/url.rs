@@ -188,7 +188,9 @@ impl DatabaseUrl {
                 self.port = Some(
                     value
                         .parse()
-                        .map_err(|_| bad(&format!("{value:?} is not a port number")))?,
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad(&format!("{value:?} is not a port number between 1 and 65535")))?,
                 )
             }
             "user" => self.user = Some(value),
@@ -214,23 +216,62 @@ impl DatabaseUrl {
     /// The URL as text *with* its password, for handing to another engine.
     /// Never log it; `Display` is the masked form.
     pub fn unmasked(&self) -> String {
-        let masked = self.to_string();
-        match (&self.password, &self.user) {
-            (Some(password), Some(user)) => {
-                let encoded: String = password
-                    .bytes()
-                    .map(|b| {
-                        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                            (b as char).to_string()
-                        } else {
-                            format!("%{b:02X}")
-                        }
-                    })
-                    .collect();
-                masked.replacen(&format!("{user}:***@"), &format!("{user}:{encoded}@"), 1)
-            }
-            _ => masked,
+        let mut out = String::new();
+        let _ = self.render(&mut out, false);
+        out
+    }
+
+    /// Writes the URL, every part percent-encoded, the password masked or not.
+    fn render(&self, out: &mut impl fmt::Write, mask: bool) -> fmt::Result {
+        out.write_str(&self.scheme)?;
+        if let Some(driver) = &self.driver {
+            write!(out, "+{driver}")?;
         }
+        out.write_str("://")?;
+        if self.user.is_some() || self.password.is_some() {
+            out.write_str(&percent_encode(self.user.as_deref().unwrap_or("")))?;
+            if let Some(password) = &self.password {
+                out.write_char(':')?;
+                out.write_str(&if mask {
+                    "***".to_owned()
+                } else {
+                    percent_encode(password)
+                })?;
+            }
+            out.write_char('@')?;
+        }
+        match &self.host {
+            Some(Host::Tcp(host)) if host.contains(':') => write!(out, "[{host}]")?,
+            Some(Host::Tcp(host)) => out.write_str(&percent_encode(host))?,
+            Some(Host::Unix(dir)) => out.write_str(&percent_encode(&dir.to_string_lossy()))?,
+            None => {}
+        }
+        if let Some(port) = self.port {
+            write!(out, ":{port}")?;
+        }
+        if let Some(database) = &self.database {
+            write!(out, "/{}", percent_encode(database))?;
+        }
+        let mut options: Vec<(&str, String)> = Vec::new();
+        match self.ssl_mode {
+            SslMode::Prefer => {}
+            SslMode::Disable => options.push(("sslmode", "disable".into())),
+            SslMode::Allow => options.push(("sslmode", "allow".into())),
+            SslMode::Require => options.push(("sslmode", "require".into())),
+        }
+        if let Some(name) = &self.application_name {
+            options.push(("application_name", name.clone()));
+        }
+        if let Some(timeout) = self.connect_timeout {
+            options.push(("connect_timeout", timeout.as_secs().to_string()));
+        }
+        if let Some(server_options) = &self.options {
+            options.push(("options", server_options.clone()));
+        }
+        for (i, (key, value)) in options.iter().enumerate() {
+            write!(out, "{}{key}={}", if i == 0 { '?' } else { '&' }, percent_encode(value))?;
+        }
+        Ok(())
     }
 
     /// Builds the driver's configuration from this URL.
@@ -360,32 +401,21 @@ fn percent_decode(text: &str, part: &str) -> Result<String> {
 impl fmt::Display for DatabaseUrl {
     /// Renders the URL with the password masked as `***`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.scheme)?;
-        if let Some(driver) = &self.driver {
-            write!(f, "+{driver}")?;
-        }
-        f.write_str("://")?;
-        if let Some(user) = &self.user {
-            f.write_str(user)?;
-            if self.password.is_some() {
-                f.write_str(":***")?;
-            }
-            f.write_str("@")?;
-        }
-        match &self.host {
-            Some(Host::Tcp(host)) if host.contains(':') => write!(f, "[{host}]")?,
-            Some(Host::Tcp(host)) => f.write_str(host)?,
-            Some(Host::Unix(dir)) => write!(f, "{}", dir.display().to_string().replace('/', "%2F"))?,
-            None => {}
-        }
-        if let Some(port) = self.port {
-            write!(f, ":{port}")?;
-        }
-        if let Some(database) = &self.database {
-            write!(f, "/{database}")?;
-        }
-        Ok(())
+        self.render(f, true)
     }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 impl fmt::Debug for DatabaseUrl {
@@ -481,8 +511,30 @@ mod tests {
         assert!(!format!("{url:?}").contains("hunter2"));
         assert!(!url.to_string().contains("hunter2"));
         assert_eq!(url.to_string(), "postgres://sandy:***@h/db");
+        assert!(url.unmasked().contains("hunter2"));
         let error = DatabaseUrl::parse("postgres://sandy:hunter2%@h/db").unwrap_err();
         assert!(!error.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn unmasked_round_trips_every_part() {
+        let text = "postgresql+psycopg2://sa%20ndy:p%40ss%2Fw%3Ard@db.example.com:6543/app%20db?sslmode=disable&application_name=web%20app&connect_timeout=7&options=-c%20statement_timeout%3D5s";
+        let url = DatabaseUrl::parse(text).unwrap();
+        assert_eq!(DatabaseUrl::parse(&url.unmasked()).unwrap(), url);
+        assert!(url.to_string().contains(":***@"));
+        let socket = DatabaseUrl::parse("postgres://u@%2Fvar%2Frun%2Fpostgresql/db").unwrap();
+        assert_eq!(DatabaseUrl::parse(&socket.unmasked()).unwrap(), socket);
+        let password_only = DatabaseUrl::parse("postgres://:secret@h/db").unwrap();
+        assert_eq!(DatabaseUrl::parse(&password_only.unmasked()).unwrap(), password_only);
+    }
+
+    #[test]
+    fn port_zero_is_refused_everywhere() {
+        assert_eq!(part_of(DatabaseUrl::parse("postgres://h:0/db")), "port");
+        assert_eq!(
+            part_of(DatabaseUrl::parse("postgres://h/db?port=0")),
+            "query option \"port\""
+        );
     }
 
     #[test]

@@ -181,6 +181,10 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let ty = column.ty;
         quote!(#position => <#ty as #krate::ColumnType>::to_array(objects.iter().map(|object| &object.#field)),)
     });
+    let copy_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        quote!(#position => self.#field = ::core::clone::Clone::clone(&other.#field),)
+    });
     let differs_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
         quote!(#position => self.#field != other.#field,)
@@ -238,6 +242,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
                 match column {
                     #(#array_arms)*
                     _ => #krate::__private::no_such_column(Self::TABLE, column),
+                }
+            }
+
+            fn copy_column(&mut self, other: &Self, column: usize) {
+                match column {
+                    #(#copy_arms)*
+                    _ => {}
                 }
             }
 

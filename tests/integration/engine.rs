@@ -187,3 +187,25 @@ async fn url_query_options_reach_the_server() {
     assert_eq!(rows[0].get::<_, String>(0), "from-url");
     assert_eq!(rows[0].get::<_, String>(1), "7MB");
 }
+
+#[tokio::test]
+async fn a_server_that_never_answers_is_a_connect_timeout() {
+    // Accepts TCP connections and then says nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let engine = Engine::builder(format!("postgresql://postgres@127.0.0.1:{port}/postgres"))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    match engine.connect().await.unwrap_err() {
+        Error::ConnectTimeout { waited } => assert_eq!(waited, Duration::from_millis(300)),
+        other => panic!("expected a connect timeout, got {other:?}"),
+    }
+    silent.abort();
+}

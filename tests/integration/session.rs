@@ -583,3 +583,117 @@ async fn a_lost_connection_is_typed_and_the_session_recovers() {
     let new_pid: i32 = session.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0);
     assert_ne!(pid, new_pid);
 }
+
+#[tokio::test]
+async fn a_session_kept_after_an_interrupted_flush_refuses_to_commit_half_of_it() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add_all([User::new("a"), User::new("b")]);
+    let interrupted = tokio::time::timeout(std::time::Duration::from_nanos(1), session.flush()).await;
+    assert!(interrupted.is_err(), "the flush was meant to be cut off");
+    assert!(matches!(session.commit().await, Err(Error::InvalidState(m)) if m.contains("interrupted")));
+    assert!(matches!(
+        session.query::<User>().all().await,
+        Err(Error::InvalidState(_))
+    ));
+    session.rollback().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    session.add(User::new("c"));
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT name FROM users").await, ["c"]);
+}
+
+#[tokio::test]
+async fn reloading_an_expired_object_keeps_its_unflushed_changes() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).autoflush(false).session();
+    let sandy = session.add(User::new("sandy"));
+    session.commit().await.unwrap(); // expires sandy
+    let id = sandy.read().id;
+    sandy.write().email = Some("mine@example.com".into());
+    db.execute(&format!("UPDATE users SET role = 'theirs' WHERE id = {id}"))
+        .await;
+
+    let reloaded = session.get::<User>(id).await.unwrap().unwrap();
+    assert!(reloaded.ptr_eq(&sandy));
+    assert_eq!(
+        sandy.read().email.as_deref(),
+        Some("mine@example.com"),
+        "the caller's change survives"
+    );
+    assert_eq!(sandy.read().role.as_deref(), Some("theirs"), "the rest is fresh");
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings(&format!("SELECT email || ' ' || role FROM users WHERE id = {id}"))
+            .await,
+        ["mine@example.com theirs"]
+    );
+}
+
+#[tokio::test]
+async fn objects_of_other_sessions_are_refused() {
+    let db = setup().await;
+    let mut mine = sessionmaker(&db.engine).session();
+    let mut theirs = sessionmaker(&db.engine).session();
+    let pending = theirs.add(User::new("theirs"));
+    assert!(matches!(mine.delete(&pending), Err(Error::InvalidState(_))));
+    assert!(matches!(mine.refresh(&pending).await, Err(Error::InvalidState(_))));
+    theirs.commit().await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users").await,
+        1,
+        "their insert still happened"
+    );
+    // Persistent in their session, unknown to mine.
+    let loaded = theirs.get::<User>(pending.read().id).await.unwrap().unwrap();
+    assert!(matches!(mine.refresh(&loaded).await, Err(Error::InvalidState(_))));
+    assert!(matches!(mine.delete(&loaded), Err(Error::InvalidState(_))));
+}
+
+#[tokio::test]
+async fn an_error_from_a_for_each_callback_leaves_the_session_usable() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add_all([User::new("a"), User::new("b"), User::new("c")]);
+    session.flush().await.unwrap();
+    let mut seen = 0;
+    let result = session
+        .query::<User>()
+        .for_each(|_user| {
+            seen += 1;
+            Err(Error::InvalidState("stop after the first".into()))
+        })
+        .await;
+    assert!(matches!(result, Err(Error::InvalidState(_))));
+    assert_eq!(seen, 1);
+    // The transaction (with its flushed rows) is intact.
+    assert_eq!(session.query::<User>().count().await.unwrap(), 3);
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 3);
+
+    let mut names = Vec::new();
+    session
+        .query::<User>()
+        .order_by(User::name.desc())
+        .for_each(|user| {
+            names.push(user.name);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(names, ["c", "b", "a"]);
+}
+
+#[tokio::test]
+async fn failing_statements_are_echoed_too() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(Book {
+        isbn: "1".into(),
+        author_id: 404,
+        title: "orphan".into(),
+    });
+    let echo = EchoCapture::start();
+    assert!(session.commit().await.is_err());
+    assert!(echo.take().iter().any(|s| s.starts_with(r#"INSERT INTO "books""#)));
+}
