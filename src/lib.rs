@@ -88,6 +88,9 @@ pub use tokio_postgres;
 /// - `default = "now()"`: a server default (an SQL expression, written by
 ///   the model's author, never by end users). On an `Option<T>` field, `None`
 ///   leaves the value to the database and the flush brings it back.
+/// - `check = "price >= 0"`: a CHECK constraint, named `<table>_<column>_check`
+///   (an SQL condition written by the model's author). Violations are
+///   [`Error::CheckViolation`] naming the constraint.
 /// - `length = 50`: `varchar(50)` instead of `text` (String fields only).
 ///   Longer values are rejected by PostgreSQL, never truncated.
 /// - `foreign_key = User::id`: references another model's column; a
@@ -221,4 +224,6 @@ mod guide {
     struct Querying;
     #[doc = include_str!("../docs/src/errors.md")]
     struct Errors;
+    #[doc = include_str!("../docs/src/performance.md")]
+    struct Performance;
 }

@@ -210,6 +210,14 @@ fn create_table_statement(table: &'static TableDef) -> CreateTableStatement {
         });
     }
     for column in table.columns {
+        if let Some(expression) = column.check {
+            constraints.push(TableConstraint::Check {
+                name: format!("{}_{}_check", table.name, column.name),
+                expression,
+            });
+        }
+    }
+    for column in table.columns {
         if let Some(fk) = &column.foreign_key {
             constraints.push(TableConstraint::ForeignKey {
                 name: format!("{}_{}_fkey", table.name, column.name),

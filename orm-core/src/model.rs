@@ -51,6 +51,9 @@ pub struct ColumnDef {
     pub length: Option<u32>,
     /// A foreign key from this column.
     pub foreign_key: Option<ForeignKeyDef>,
+    /// A CHECK constraint, as an SQL boolean expression written by the
+    /// model's author.
+    pub check: Option<&'static str>,
 }
 
 /// A foreign key from one column to another table's column.

@@ -96,6 +96,10 @@ fn expand_column_def(krate: &syn::Path, column: &Column<'_>) -> TokenStream {
         Some(sql) => quote!(::core::option::Option::Some(#sql)),
         None => quote!(::core::option::Option::None),
     };
+    let check = match &column.check {
+        Some(sql) => quote!(::core::option::Option::Some(#sql)),
+        None => quote!(::core::option::Option::None),
+    };
     let length = match column.length {
         Some((n, _)) => quote!(::core::option::Option::Some(#n)),
         None => quote!(::core::option::Option::None),
@@ -127,6 +131,7 @@ fn expand_column_def(krate: &syn::Path, column: &Column<'_>) -> TokenStream {
             default: #default,
             length: #length,
             foreign_key: #foreign_key,
+            check: #check,
         }
     }
 }

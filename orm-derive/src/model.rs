@@ -9,7 +9,7 @@ use syn::{Data, DeriveInput, Fields, Ident, LitInt, LitStr, Path, Type};
 const CONTAINER_KEYS: &str = "table, base, crate";
 /// The `#[orm(...)]` keys allowed on a field.
 const FIELD_KEYS: &str =
-    "primary_key, identity, autoincrement, unique, index, default, length, foreign_key, on_delete, column, skip";
+    "primary_key, identity, autoincrement, unique, index, default, check, length, foreign_key, on_delete, column, skip";
 
 /// Collects errors so that one compile reports every mistake.
 #[derive(Default)]
@@ -65,6 +65,7 @@ pub(crate) struct Column<'a> {
     pub unique: bool,
     pub index: bool,
     pub default: Option<LitStr>,
+    pub check: Option<LitStr>,
     pub length: Option<(u32, Span)>,
     pub foreign_key: Option<ForeignKey>,
 }
@@ -173,6 +174,7 @@ fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, errors: &mut Errors)
         unique: false,
         index: false,
         default: None,
+        check: None,
         length: None,
         foreign_key: None,
     };
@@ -206,6 +208,13 @@ fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, errors: &mut Errors)
                         errors.at(value.span(), "default must be an SQL expression, such as \"now()\" or \"0\"");
                     }
                     column.default = Some(value);
+                }
+                "check" => {
+                    let value: LitStr = meta.value()?.parse()?;
+                    if value.value().trim().is_empty() {
+                        errors.at(value.span(), "check must be an SQL condition, such as \"price >= 0\"");
+                    }
+                    column.check = Some(value);
                 }
                 "length" => {
                     let value: LitInt = meta.value()?.parse()?;

@@ -14,6 +14,7 @@ pub struct Customer {
     #[orm(default = "now()::text")]
     pub created: Option<String>,
     pub vip: bool,
+    #[orm(check = "rating >= 0")]
     pub rating: f32,
     pub avatar: Option<Vec<u8>>,
 }
@@ -54,7 +55,8 @@ fn create_all_sql_snapshot() {
     "rating" real NOT NULL,
     "avatar" bytea,
     CONSTRAINT "customers_pkey" PRIMARY KEY ("id"),
-    CONSTRAINT "customers_email_key" UNIQUE ("email")
+    CONSTRAINT "customers_email_key" UNIQUE ("email"),
+    CONSTRAINT "customers_rating_check" CHECK (rating >= 0)
 )"#,
         r#"CREATE INDEX IF NOT EXISTS "ix_customers_city" ON "customers" ("city")"#,
         r#"CREATE TABLE IF NOT EXISTS "orders" (
@@ -134,6 +136,7 @@ async fn create_all_builds_what_the_catalog_shows_and_is_idempotent() {
         [
             "customers:customers_email_key:u: ",
             "customers:customers_pkey:p: ",
+            "customers:customers_rating_check:c: ",
             "order_lines:order_lines_order_id_fkey:f:a",
             "order_lines:order_lines_pkey:p: ",
             "orders:orders_customer_id_fkey:f:c",
@@ -181,6 +184,21 @@ async fn create_all_builds_what_the_catalog_shows_and_is_idempotent() {
     });
     session.flush().await.unwrap();
     assert!(customer.read().created.is_some(), "server default came back");
+    session.commit().await.unwrap();
+    session.add(Customer {
+        id: 0,
+        email: "negative@b.c".into(),
+        city: None,
+        created: None,
+        vip: false,
+        rating: -1.0,
+        avatar: None,
+    });
+    match session.commit().await.unwrap_err() {
+        Error::CheckViolation { constraint, .. } => assert_eq!(constraint.as_deref(), Some("customers_rating_check")),
+        other => panic!("expected a check violation, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
     let customer_id = customer.read().id;
     let first = session.add(Order {
         id: 0,

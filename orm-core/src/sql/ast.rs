@@ -209,6 +209,13 @@ pub enum TableConstraint {
         /// The columns.
         columns: Vec<&'static str>,
     },
+    /// `CONSTRAINT name CHECK (expression)`.
+    Check {
+        /// The constraint's name.
+        name: String,
+        /// The boolean SQL expression, written by the model's author.
+        expression: &'static str,
+    },
     /// `CONSTRAINT name FOREIGN KEY (columns) REFERENCES table (columns) ON DELETE ...`.
     ForeignKey {
         /// The constraint's name.

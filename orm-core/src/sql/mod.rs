@@ -335,6 +335,12 @@ pub trait Dialect: Send + Sync {
                 self.prepare_identifier_list(out, columns);
                 out.push(')');
             }
+            TableConstraint::Check { name, expression } => {
+                self.quote_identifier(out, name);
+                out.push_str(" CHECK (");
+                out.push_str(expression);
+                out.push(')');
+            }
             TableConstraint::ForeignKey {
                 name,
                 columns,
