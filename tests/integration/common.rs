@@ -1,7 +1,5 @@
 //! The test harness: one server for the whole run, one fresh database per test.
 
-use std::sync::{Arc, Mutex};
-
 use orm::dev::{DevServer, TestDatabase};
 use orm::Engine;
 use tokio::sync::OnceCell;
@@ -62,24 +60,25 @@ pub async fn test_db_with(configure: impl FnOnce(orm::EngineBuilder) -> orm::Eng
     TestDb { engine, database }
 }
 
-/// Records the SQL of every `orm::echo` event on this thread while alive.
-/// Tests run on tokio's current-thread runtime, so the session's work
-/// happens on this thread.
-pub struct EchoCapture {
-    statements: Arc<Mutex<Vec<Echoed>>>,
-    _guard: tracing::subscriber::DefaultGuard,
+thread_local! {
+    /// The echo events of the test running on this thread, while captured.
+    static CAPTURED: std::cell::RefCell<Option<Vec<Echoed>>> = const { std::cell::RefCell::new(None) };
 }
+
+/// Records every `orm::echo` event of this thread while alive. Tests run on
+/// tokio's current-thread runtime, so a test's statements are echoed on its
+/// own thread. One global subscriber serves all tests: a per-thread one
+/// would race with tracing's process-wide cache of which callsites are on.
+pub struct EchoCapture;
 
 impl EchoCapture {
     pub fn start() -> Self {
-        let statements = Arc::new(Mutex::new(Vec::new()));
-        let subscriber = Recorder {
-            statements: Arc::clone(&statements),
-        };
-        EchoCapture {
-            statements,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            tracing::subscriber::set_global_default(Recorder).expect("no other global subscriber");
+        });
+        CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        EchoCapture
     }
 
     /// SQL of the statements seen so far, emptying the record.
@@ -89,7 +88,13 @@ impl EchoCapture {
 
     /// Everything recorded so far, emptying the record.
     pub fn take_events(&self) -> Vec<Echoed> {
-        std::mem::take(&mut *self.statements.lock().unwrap())
+        CAPTURED.with(|c| c.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default())
+    }
+}
+
+impl Drop for EchoCapture {
+    fn drop(&mut self) {
+        CAPTURED.with(|c| *c.borrow_mut() = None);
     }
 }
 
@@ -101,9 +106,7 @@ pub struct Echoed {
     pub elapsed_us: Option<u64>,
 }
 
-struct Recorder {
-    statements: Arc<Mutex<Vec<Echoed>>>,
-}
+struct Recorder;
 
 struct SqlField<'a>(&'a mut Echoed);
 
@@ -137,7 +140,11 @@ impl tracing::Subscriber for Recorder {
     fn event(&self, event: &tracing::Event<'_>) {
         let mut echoed = Echoed::default();
         event.record(&mut SqlField(&mut echoed));
-        self.statements.lock().unwrap().push(echoed);
+        CAPTURED.with(|c| {
+            if let Some(events) = c.borrow_mut().as_mut() {
+                events.push(echoed);
+            }
+        });
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
