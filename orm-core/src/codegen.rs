@@ -43,6 +43,7 @@ impl<M, T> Column<M, T> {
 
 /// Decodes a field; bound by `ColumnType` so a wrong field type is reported
 /// once, as an unsupported column type.
+#[inline]
 pub fn decode_field<T: ColumnType>(row: &Row, index: usize, table: &TableDef, column: usize) -> crate::Result<T> {
     crate::model::decode_column(row, index, table, column)
 }

@@ -138,10 +138,22 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
 }
 
 /// Decodes column `index` of `row` into a field, naming the column on failure.
+/// Inlined into each model's `from_row`, with the error path kept out of line:
+/// this runs once per column of every row loaded.
+#[inline]
 pub fn decode_column<'r, T: FromSql<'r>>(row: &'r Row, index: usize, table: &TableDef, column: usize) -> Result<T> {
-    row.try_get(index).map_err(|source| Error::TypeMismatch {
+    match row.try_get(index) {
+        Ok(value) => Ok(value),
+        Err(source) => Err(type_mismatch(table, column, source)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn type_mismatch(table: &TableDef, column: usize, source: tokio_postgres::Error) -> Error {
+    Error::TypeMismatch {
         table: table.name.to_owned(),
         column: table.columns[column].name.to_owned(),
         source,
-    })
+    }
 }
