@@ -697,3 +697,27 @@ async fn failing_statements_are_echoed_too() {
     assert!(session.commit().await.is_err());
     assert!(echo.take().iter().any(|s| s.starts_with(r#"INSERT INTO "books""#)));
 }
+
+/// Sessions and their futures can move between threads, as `tokio::spawn`
+/// and web frameworks require; a non-Send future here fails to compile.
+#[test]
+fn sessions_and_their_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn check(engine: &Engine, session: &mut Session, user: &Tracked<User>) {
+        send(engine);
+        send(user);
+        send(&session.flush());
+        send(&session.commit());
+        send(&session.rollback());
+        send(&session.get::<User>(1));
+        send(&session.refresh(user));
+        send(&session.query::<User>().filter(User::name.eq("x")).all());
+        send(&session.query::<User>().count());
+        send(&session.query::<User>().for_each(|_| Ok(())));
+        send(&session.raw_query("SELECT 1", &[]));
+    }
+    fn static_send<T: Send + Sync + 'static>() {}
+    static_send::<Session>();
+    static_send::<SessionMaker>();
+    let _ = check;
+}
