@@ -2,7 +2,7 @@
 
 use crate::expr::Column;
 use crate::model::TableDef;
-use crate::types::{ColumnType, NotNullColumnType, Param, TextColumnType};
+use crate::types::{ColumnType, NullableColumnType, Param, PrimaryKeyColumnType, TextColumnType};
 
 pub use crate::metadata::{base_id, Registration};
 pub use crate::model::decode_column;
@@ -13,8 +13,12 @@ pub use tokio_postgres::Row;
 /// Fails to compile, on the field's type, unless it is a column type.
 pub fn assert_column_type<T: ColumnType>() {}
 
-/// Fails to compile unless the type can be a primary key (not nullable).
-pub fn assert_primary_key_type<T: NotNullColumnType>() {}
+/// Fails to compile unless the type can be a primary key (not nullable,
+/// and comparable exactly, which rules out floats).
+pub fn assert_primary_key_type<T: PrimaryKeyColumnType>() {}
+
+/// Fails to compile unless the column accepts NULL (for `on_delete = "set null"`).
+pub fn assert_nullable_type<T: NullableColumnType>() {}
 
 /// Fails to compile unless the type can be an identity column.
 pub fn assert_identity_type<T: IdentityColumnType>() {}

@@ -191,6 +191,18 @@ impl EngineBuilder {
     }
 }
 
+/// A pooled connection that, unless taken back out, is closed when dropped
+/// instead of returning to the pool: for connections in an unknown state.
+pub(crate) struct DetachOnDrop(pub(crate) Option<deadpool_postgres::Object>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
+
 /// Pool occupancy, for monitoring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -255,17 +267,19 @@ impl Engine {
 
     /// Runs DDL statements in one transaction.
     pub(crate) async fn run_in_transaction(&self, statements: &[String]) -> Result<()> {
-        let client = self.checkout().await?;
-        let exec = Executor::new(&client, self.inner.echo);
+        // Until COMMIT has completed, dropping the guard (an error, or this
+        // future being cancelled) closes the connection instead of pooling
+        // it, and the server rolls back.
+        let mut guard = DetachOnDrop(Some(self.checkout().await?));
+        let client = guard.0.as_ref().expect("just checked out");
+        let exec = Executor::new(client, self.inner.echo);
         exec.batch("BEGIN").await?;
         for statement in statements {
-            if let Err(error) = exec.batch(statement).await {
-                // Best effort: the error that matters is the statement's.
-                let _ = exec.batch("ROLLBACK").await;
-                return Err(error);
-            }
+            exec.batch(statement).await?;
         }
-        exec.batch("COMMIT").await
+        exec.batch("COMMIT").await?;
+        drop(guard.0.take());
+        Ok(())
     }
 }
 

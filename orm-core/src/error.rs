@@ -349,21 +349,41 @@ impl Error {
         }
     }
 
-    /// Whether the server aborted the transaction the error happened in;
-    /// errors found on the client side (decoding, misuse, a callback's own
-    /// error) leave it usable.
+    /// Whether the server aborted the transaction the error happened in:
+    /// every error the server reports inside a transaction block does, and
+    /// so does a broken connection. Errors found on the client side
+    /// (decoding, encoding a parameter, misuse, a callback's own error)
+    /// leave it usable.
     pub(crate) fn aborts_transaction(&self) -> bool {
-        matches!(
-            self,
-            Error::UniqueViolation { .. }
-                | Error::ForeignKeyViolation { .. }
-                | Error::CheckViolation { .. }
-                | Error::NotNullViolation { .. }
-                | Error::Database { .. }
-                | Error::ConnectionLost { .. }
-                | Error::ServerUnreachable { .. }
-                | Error::StaleData { .. }
-        )
+        match self.driver_error() {
+            Some(source) => source.as_db_error().is_some() || source.is_closed() || self.is_connection_failure(),
+            None => matches!(self, Error::StaleData { .. } | Error::ConnectTimeout { .. }),
+        }
+    }
+
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, Error::ConnectionLost { .. } | Error::ServerUnreachable { .. })
+            || self
+                .driver_error()
+                .and_then(|e| std::error::Error::source(e))
+                .is_some_and(|inner| inner.is::<std::io::Error>())
+    }
+
+    /// The driver's error behind this one, if any.
+    fn driver_error(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            Error::ServerUnreachable { source, .. }
+            | Error::AuthenticationFailed { source, .. }
+            | Error::DatabaseNotFound { source, .. }
+            | Error::ConnectionLost { source }
+            | Error::UniqueViolation { source, .. }
+            | Error::ForeignKeyViolation { source, .. }
+            | Error::CheckViolation { source, .. }
+            | Error::NotNullViolation { source, .. }
+            | Error::Database { source, .. }
+            | Error::TypeMismatch { source, .. } => Some(source),
+            _ => None,
+        }
     }
 
     pub(crate) fn from_pool(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::engine::{Engine, Executor};
+use crate::engine::{DetachOnDrop, Engine, Executor};
 use crate::error::{Error, Result};
 use crate::metadata::parents_first;
 use crate::model::Model;
@@ -118,10 +118,12 @@ pub struct Session {
     /// A flush or statement failed inside the transaction: only `rollback`
     /// (or `close`) may follow. Holds the failure's description.
     failed: Option<String>,
-    /// Set while a flush runs. Still set afterwards only if the flush's
-    /// future was dropped half-way, leaving part of it sent: the session
-    /// then refuses everything but `rollback`, so it cannot commit half a flush.
-    flushing: bool,
+    /// Set while a call that talks to the server runs. Still set afterwards
+    /// only if that call's future was dropped half-way: what the server did
+    /// is then unknown (half a flush, a COMMIT sent or not, a statement still
+    /// running), so the session refuses everything but `rollback`, which
+    /// closes the connection rather than trust it.
+    busy: bool,
     units: HashMap<TypeId, Box<dyn TableUnit>>,
     dialect: PgDialect,
 }
@@ -152,7 +154,7 @@ impl Session {
             in_transaction: false,
             begin_pending: AtomicBool::new(false),
             failed: None,
-            flushing: false,
+            busy: false,
             units: HashMap::new(),
             dialect: PgDialect,
         }
@@ -227,9 +229,9 @@ impl Session {
     }
 
     fn check_usable(&self) -> Result<()> {
-        if self.flushing {
+        if self.busy {
             return Err(Error::InvalidState(
-                "a flush of this session was interrupted (its future was dropped); call rollback() before using it again"
+                "a call on this session was interrupted (its future was dropped); call rollback() before using it again"
                     .into(),
             ));
         }
@@ -292,10 +294,12 @@ impl Session {
     /// it, so end it now and refuse further work until `rollback`.
     async fn fail_transaction(&mut self, error: &Error) {
         if self.in_transaction {
+            // Recorded first, so that even if this call is cancelled the
+            // session knows it must be rolled back.
+            self.failed = Some(error.to_string());
             if self.end_transaction("ROLLBACK").await.is_err() {
                 self.discard_connection();
             }
-            self.failed = Some(error.to_string());
         }
         self.conn = None;
     }
@@ -333,12 +337,16 @@ impl Session {
         if !self.units.values().any(|u| u.has_changes()) {
             return Ok(());
         }
-        self.flushing = true;
+        self.busy = true;
         let result = self.flush_inner().await;
-        self.flushing = false;
+        self.busy = false;
         if let Err(error) = &result {
-            // Part of the flush may have reached the server: always roll back.
+            // Part of the flush may have reached the server, and the objects
+            // may already say so: always roll back, and always require the
+            // caller's rollback() too, even when the flush was its own
+            // transaction (autocommit) and its COMMIT is what failed.
             self.fail_transaction(error).await;
+            self.failed = Some(error.to_string());
         }
         result
     }
@@ -384,7 +392,10 @@ impl Session {
     pub async fn commit(&mut self) -> Result<()> {
         self.flush().await?;
         if self.in_transaction {
-            if let Err(error) = self.end_transaction("COMMIT").await {
+            self.busy = true;
+            let result = self.end_transaction("COMMIT").await;
+            self.busy = false;
+            if let Err(error) = result {
                 self.failed = Some(error.to_string());
                 self.discard_connection();
                 return Err(error);
@@ -403,15 +414,24 @@ impl Session {
     /// loads see the database as it is.
     pub async fn rollback(&mut self) -> Result<()> {
         let mut result = Ok(());
-        if self.in_transaction {
+        if self.busy {
+            // An interrupted call left the connection in an unknown state
+            // (a statement still running, a COMMIT sent or not): close it, and
+            // the server rolls back whatever is open.
+            self.discard_connection();
+            self.in_transaction = false;
+            self.begin_pending.store(false, Ordering::Release);
+        } else if self.in_transaction {
+            self.busy = true;
             result = self.end_transaction("ROLLBACK").await;
+            self.busy = false;
             if result.is_err() {
                 self.discard_connection();
             }
         }
         self.conn = None;
         self.failed = None;
-        self.flushing = false;
+        self.busy = false;
         for unit in self.units.values_mut() {
             unit.discard();
         }
@@ -430,10 +450,15 @@ impl Session {
     /// a live copy, else with one query. `None` when no such row exists.
     pub async fn get<M: Model>(&mut self, key: M::PrimaryKey) -> Result<Option<Tracked<M>>> {
         self.check_usable()?;
-        if let Some(tracked) = self.unit::<M>().identity.get(&key) {
+        let unit = self.unit::<M>();
+        if let Some(tracked) = unit.identity.get(&key) {
             if !tracked.meta().expired {
                 return Ok(Some(tracked.clone()));
             }
+        }
+        if unit.deleted.iter().any(|(deleted, _)| *deleted == key) {
+            // Marked for deletion: gone as far as this session is concerned.
+            return Ok(None);
         }
         let table = M::TABLE;
         let filter = Expr::And(
@@ -460,7 +485,11 @@ impl Session {
     /// Reloads an object's row from the database, overwriting its value and
     /// any unflushed change. Errors with `NotFound` when the row is gone.
     pub async fn refresh<M: Model>(&mut self, object: &Tracked<M>) -> Result<()> {
-        let key = object.data()?.value.primary_key();
+        let key = {
+            let data = object.data()?;
+            // The key the row was loaded with, should the caller have edited it.
+            data.loaded.as_ref().unwrap_or(&data.value).primary_key()
+        };
         let tracked_here = self
             .unit::<M>()
             .identity
@@ -503,6 +532,7 @@ impl Session {
     }
 
     async fn finish_read<T>(&mut self, result: Result<T>) -> Result<T> {
+        self.busy = false;
         if let Err(error) = &result {
             // Errors found on this side (a type mismatch, an error returned by
             // a for_each callback) leave the server's transaction intact.
@@ -527,6 +557,7 @@ impl Session {
         } = self;
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let unit = unit_of::<M>(units);
+        self.busy = true;
         let mut objects = Vec::new();
         let result = exec
             .for_each_row(&writer.sql, &writer.params, |row| {
@@ -545,6 +576,7 @@ impl Session {
     ) -> Result<()> {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
+        self.busy = true;
         let result = self
             .executor()
             .for_each_row(&writer.sql, &writer.params, |row| on_object(M::from_row(&row)?))
@@ -556,6 +588,7 @@ impl Session {
     pub(crate) async fn fetch_rows(&mut self, statement: SelectStatement) -> Result<Vec<Row>> {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
+        self.busy = true;
         let result = self.executor().query(&writer.sql, &writer.params).await;
         self.finish_read(result).await
     }
@@ -564,6 +597,7 @@ impl Session {
     /// transaction (after an autoflush) and returns its rows.
     pub async fn raw_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.prepare_read().await?;
+        self.busy = true;
         let result = self.executor().raw_query(sql, params).await;
         self.finish_read(result).await
     }
@@ -572,6 +606,7 @@ impl Session {
     /// transaction (after an autoflush) and returns how many rows it changed.
     pub async fn raw_execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         self.prepare_read().await?;
+        self.busy = true;
         let result = self.executor().raw_execute(sql, params).await;
         self.finish_read(result).await
     }
@@ -610,29 +645,18 @@ impl Drop for Session {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             // A BEGIN still pending was never sent: the connection is clean.
-            if self.in_transaction && !self.begin_pending.load(Ordering::Acquire) {
+            if self.busy || (self.in_transaction && !self.begin_pending.load(Ordering::Acquire)) {
                 release_after_rollback(conn);
             }
         }
     }
 }
 
-/// Holds a connection that must not go back to the pool inside a
-/// transaction: unless disarmed after a successful ROLLBACK, dropping it
-/// detaches the connection from the pool, which closes it, and the server
-/// then rolls back by itself.
-struct RollbackGuard(Option<deadpool_postgres::Object>);
-
-impl Drop for RollbackGuard {
-    fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(deadpool_postgres::Object::take(conn));
-        }
-    }
-}
-
+/// Rolls back a connection left inside a transaction and then pools it
+/// again; if that cannot happen (no runtime, the ROLLBACK fails, the task is
+/// dropped), the connection is closed instead and the server rolls back.
 fn release_after_rollback(conn: deadpool_postgres::Object) {
-    let mut guard = RollbackGuard(Some(conn));
+    let mut guard = DetachOnDrop(Some(conn));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
             let rolled_back = match &guard.0 {

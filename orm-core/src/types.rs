@@ -58,13 +58,30 @@ pub trait ColumnType: ToSql + for<'a> FromSql<'a> + Clone + PartialEq + Send + S
 )]
 pub trait NotNullColumnType: ColumnType {}
 
+/// A column type that can be (part of) a primary key: never NULL, and
+/// compared exactly, since the identity map hashes keys.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a primary key column",
+    label = "a primary key needs a non-null type that compares exactly",
+    note = "use i16, i32, i64, bool, String or Vec<u8>; a primary key cannot be Option<T> or a float"
+)]
+pub trait PrimaryKeyColumnType: NotNullColumnType + Eq + std::hash::Hash {}
+
+/// A column type that accepts NULL: `Option<T>`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot hold NULL",
+    label = "on_delete = \"set null\" needs an Option<T> field",
+    note = "make the field Option<...>, or choose another on_delete action"
+)]
+pub trait NullableColumnType: ColumnType {}
+
 /// Integer types that PostgreSQL can generate as an identity column.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be an identity column",
     label = "identity/autoincrement needs an integer type",
     note = "use i16, i32 or i64"
 )]
-pub trait IdentityColumnType: NotNullColumnType {
+pub trait IdentityColumnType: PrimaryKeyColumnType {
     /// True when the field holds the "not assigned yet" value, zero: the
     /// database then assigns the key on insert.
     fn is_unassigned(&self) -> bool;
@@ -85,6 +102,7 @@ macro_rules! column_types {
             const NULLABLE: bool = false;
         }
         impl NotNullColumnType for $rust {}
+        impl NullableColumnType for Option<$rust> {}
         impl ColumnType for Option<$rust> {
             const SQL_TYPE: &'static str = $sql;
             const ARRAY_TYPE: &'static str = $array;
@@ -134,6 +152,13 @@ macro_rules! identity_types {
     )*};
 }
 identity_types!(i16, i32, i64);
+
+macro_rules! primary_key_types {
+    ($($rust:ty),*) => {$(
+        impl PrimaryKeyColumnType for $rust {}
+    )*};
+}
+primary_key_types!(i16, i32, i64, bool, String, Vec<u8>);
 
 impl TextColumnType for String {}
 impl TextColumnType for Option<String> {}

@@ -66,6 +66,13 @@ impl<M: Model> TableState<M> {
     /// state; a live one keeps its own (it may hold unflushed changes).
     pub(crate) fn merge_loaded(&mut self, value: M) -> Tracked<M> {
         let key = value.primary_key();
+        if !self.deleted.is_empty() {
+            if let Some((_, deleted)) = self.deleted.iter().find(|(deleted, _)| *deleted == key) {
+                // Marked for deletion but not flushed yet (autoflush off):
+                // the session's one object for the row is the deleted one.
+                return deleted.clone();
+            }
+        }
         if let Some(existing) = self.identity.get(&key) {
             let mut meta = existing.meta();
             if meta.expired {
@@ -280,7 +287,11 @@ impl<M: Model> TableState<M> {
                 meta.status = ObjectStatus::Persistent;
                 meta.dirty = Some(Arc::clone(&self.dirty));
             }
-            self.identity.insert(key, object);
+            if let Some(previous) = self.identity.insert(key, object) {
+                // The row that object stood for was deleted behind the
+                // session's back; the new row replaces it.
+                previous.meta().status = ObjectStatus::Detached;
+            }
         }
         Ok(())
     }

@@ -38,6 +38,9 @@ fn expand_assertions(model: &Model<'_>) -> TokenStream {
             checks.push(quote_spanned!(span=> #krate::__private::assert_text_type::<#ty>();));
         }
         if let Some(fk) = &column.foreign_key {
+            if let (crate::model::OnDelete::SetNull, Some(span)) = (fk.on_delete, fk.on_delete_span) {
+                checks.push(quote_spanned!(span=> #krate::__private::assert_nullable_type::<#ty>();));
+            }
             let path = &fk.path;
             checks.push(quote_spanned!(path.span()=> #path.__assert_referenced_by::<#ty>();));
         }
@@ -169,7 +172,7 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let field = column.ident;
         let ty = column.ty;
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-        quote!(#field: #decode(row, #position, Self::TABLE, #position)?,)
+        quote!(#field: #decode(row, #position, <Self as #krate::Model>::TABLE, #position)?,)
     });
     let skipped = model
         .skipped
@@ -179,7 +182,7 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let field = column.ident;
         let ty = column.ty;
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-        quote!(#position => self.#field = #decode(row, index, Self::TABLE, #position)?,)
+        quote!(#position => self.#field = #decode(row, index, <Self as #krate::Model>::TABLE, #position)?,)
     });
     let array_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
@@ -246,7 +249,7 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             fn column_array(objects: &[&Self], column: usize) -> #krate::Param {
                 match column {
                     #(#array_arms)*
-                    _ => #krate::__private::no_such_column(Self::TABLE, column),
+                    _ => #krate::__private::no_such_column(<Self as #krate::Model>::TABLE, column),
                 }
             }
 

@@ -71,11 +71,14 @@ pub(crate) struct Column<'a> {
 }
 
 pub(crate) struct ForeignKey {
-    /// `User::id`.
+    /// `User::id` (`Self::id` is rewritten to the struct's name, since the
+    /// path is also used outside the model's impl).
     pub path: Path,
     /// `User`.
     pub model: Path,
     pub on_delete: OnDelete,
+    /// Where `on_delete` was written, for type checks that depend on it.
+    pub on_delete_span: Option<Span>,
 }
 
 impl<'a> Model<'a> {
@@ -136,7 +139,7 @@ impl<'a> Model<'a> {
         let mut skipped = Vec::new();
         for field in fields.into_iter().flatten() {
             let ident = field.ident.as_ref().expect("named fields have names");
-            match parse_field(field, ident, &mut errors) {
+            match parse_field(field, ident, &input.ident, &mut errors) {
                 FieldKind::Column(column) => columns.push(column),
                 FieldKind::Skipped => skipped.push(ident),
             }
@@ -164,7 +167,7 @@ enum FieldKind<'a> {
     Skipped,
 }
 
-fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, errors: &mut Errors) -> FieldKind<'a> {
+fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, struct_name: &Ident, errors: &mut Errors) -> FieldKind<'a> {
     let mut column = Column {
         ident,
         ty: &field.ty,
@@ -295,7 +298,12 @@ fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, errors: &mut Errors)
     if let (Some((_, span)), None) = (&on_delete, &foreign_key) {
         errors.at(*span, "`on_delete` needs a `foreign_key` on the same field");
     }
-    if let Some((path, _)) = foreign_key {
+    if let Some((mut path, _)) = foreign_key {
+        if let Some(first) = path.segments.first_mut() {
+            if first.ident == "Self" {
+                first.ident = Ident::new(&struct_name.to_string(), first.ident.span());
+            }
+        }
         let mut model = path.clone();
         model.segments.pop();
         model.segments.pop_punct();
@@ -303,6 +311,7 @@ fn parse_field<'a>(field: &'a syn::Field, ident: &'a Ident, errors: &mut Errors)
             path,
             model,
             on_delete: on_delete.map_or(OnDelete::NoAction, |(action, _)| action),
+            on_delete_span: on_delete.map(|(_, span)| span),
         });
     }
     FieldKind::Column(column)

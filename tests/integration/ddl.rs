@@ -28,7 +28,7 @@ pub struct Order {
     pub customer_id: i64,
     #[orm(column = "total_cents")]
     pub total: i64,
-    #[orm(foreign_key = Order::id, on_delete = "set null")]
+    #[orm(foreign_key = Self::id, on_delete = "set null")]
     pub replaces: Option<i32>,
 }
 
@@ -279,4 +279,30 @@ mod cyclic {
             other => panic!("expected a metadata error, got {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn a_cancelled_create_all_never_pools_a_connection_inside_its_transaction() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
+    let cut_short = tokio::time::timeout(std::time::Duration::from_nanos(1), DdlBase::create_all(&db.engine)).await;
+    assert!(cut_short.is_err(), "create_all was meant to be cut off");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let conn = db.engine.connect().await.unwrap();
+    match conn.raw_batch("SAVEPOINT probe").await {
+        Err(Error::Database { code, .. }) => assert_eq!(code.as_deref(), Some("25P01")),
+        other => panic!("the pooled connection is inside a transaction: {other:?}"),
+    }
+    drop(conn);
+    // Nothing of the cut-off DDL stayed, and a full run still works.
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_class WHERE relname = 'customers'")
+            .await,
+        0
+    );
+    DdlBase::create_all(&db.engine).await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_class WHERE relname = 'customers'")
+            .await,
+        1
+    );
 }

@@ -721,3 +721,89 @@ fn sessions_and_their_futures_are_send() {
     static_send::<SessionMaker>();
     let _ = check;
 }
+
+#[tokio::test]
+async fn a_failed_commit_of_an_autocommit_flush_requires_rollback() {
+    let db = setup().await;
+    // A deferred constraint fails at COMMIT, not at the INSERT.
+    db.execute(
+        "ALTER TABLE users DROP CONSTRAINT users_name_key; \
+         ALTER TABLE users ADD CONSTRAINT users_name_key UNIQUE (name) DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).autocommit(true).session();
+    let twins = session.add_all([User::new("twin"), User::new("twin")]);
+    let error = session.flush().await.unwrap_err();
+    assert_eq!(error.constraint(), Some("users_name_key"), "{error:?}");
+    // The objects must not pass for saved rows.
+    assert!(matches!(
+        session.query::<User>().count().await,
+        Err(Error::InvalidState(_))
+    ));
+    session.rollback().await.unwrap();
+    assert!(twins.iter().all(|t| t.status() == ObjectStatus::Detached));
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn server_errors_in_raw_sql_require_rollback_and_client_errors_do_not() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("kept"));
+    session.flush().await.unwrap();
+
+    // A missing parameter is caught before anything reaches the server.
+    let error = session.raw_execute("SELECT $1::int4", &[]).await.unwrap_err();
+    assert!(!matches!(error, Error::InvalidState(_)), "{error:?}");
+    assert_eq!(
+        session.query::<User>().count().await.unwrap(),
+        1,
+        "the transaction is intact"
+    );
+
+    // Any error the server reports aborts its transaction, whatever its kind.
+    let error = session
+        .raw_execute("ALTER DATABASE orm_no_such_database SET work_mem = '1MB'", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::DatabaseNotFound { .. }), "{error:?}");
+    assert!(matches!(session.commit().await, Err(Error::InvalidState(_))));
+    session.rollback().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn a_cancelled_read_inside_a_transaction_requires_rollback() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(User::new("pending"));
+    session.flush().await.unwrap();
+    let slow = session.raw_query("SELECT pg_sleep(1)", &[]);
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(50), slow)
+        .await
+        .is_err());
+    assert!(matches!(session.commit().await, Err(Error::InvalidState(m)) if m.contains("interrupted")));
+    session.rollback().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_row_marked_for_deletion_stays_one_deleted_object_until_flushed() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('doomed')").await;
+    let mut session = sessionmaker(&db.engine).autoflush(false).session();
+    let doomed = session.query::<User>().one().await.unwrap();
+    let id = doomed.read().id;
+    session.delete(&doomed).unwrap();
+    assert!(session.get::<User>(id).await.unwrap().is_none());
+    let again = session.query::<User>().one().await.unwrap();
+    assert!(
+        again.ptr_eq(&doomed),
+        "the query gives back the deleted object, not a new one"
+    );
+    assert_eq!(again.status(), ObjectStatus::Deleted);
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
