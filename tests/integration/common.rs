@@ -21,6 +21,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Connections to this database left idle inside a transaction.
+    pub async fn idle_in_transaction(&self) -> i64 {
+        self.scalar(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
+            self.database.name()
+        ))
+        .await
+    }
+
     pub fn url(&self) -> &str {
         self.database.url()
     }
@@ -43,6 +52,15 @@ impl TestDb {
         let conn = self.engine.connect().await.expect("connect");
         let rows = conn.raw_query(sql, &[]).await.expect(sql);
         rows.iter().map(|r| r.get(0)).collect()
+    }
+}
+
+/// Fails unless `conn` is outside any transaction block: there, SAVEPOINT is
+/// refused with SQLSTATE 25P01.
+pub async fn assert_outside_transaction(conn: &orm::Connection) {
+    match conn.raw_batch("SAVEPOINT probe").await {
+        Err(orm::Error::Database { code, .. }) => assert_eq!(code.as_deref(), Some("25P01")),
+        other => panic!("the connection is still inside a transaction: {other:?}"),
     }
 }
 

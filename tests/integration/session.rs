@@ -240,10 +240,7 @@ async fn a_dropped_session_rolls_back_before_its_connection_is_reused() {
     // The only pooled connection must come back clean: outside a transaction
     // block, SAVEPOINT is refused (SQLSTATE 25P01).
     let conn = db.engine.connect().await.unwrap();
-    match conn.raw_batch("SAVEPOINT probe").await {
-        Err(Error::Database { code, .. }) => assert_eq!(code.as_deref(), Some("25P01")),
-        other => panic!("the reused connection is still inside a transaction: {other:?}"),
-    }
+    crate::common::assert_outside_transaction(&conn).await;
     let count: i64 = conn.raw_query("SELECT count(*) FROM users", &[]).await.unwrap()[0].get(0);
     assert_eq!(count, 0);
     drop(conn);
@@ -253,13 +250,7 @@ async fn a_dropped_session_rolls_back_before_its_connection_is_reused() {
         "the connection was reused, not replaced"
     );
 
-    let stuck = db
-        .scalar(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
-            db.database.name()
-        ))
-        .await;
-    assert_eq!(stuck, 0);
+    assert_eq!(db.idle_in_transaction().await, 0);
 }
 
 #[tokio::test]
@@ -276,13 +267,7 @@ async fn a_cancelled_flush_still_rolls_back() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
-    let stuck = db
-        .scalar(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
-            db.database.name()
-        ))
-        .await;
-    assert_eq!(stuck, 0);
+    assert_eq!(db.idle_in_transaction().await, 0);
 }
 
 #[tokio::test]
