@@ -2,6 +2,7 @@
 //! inserts and deletes, and how they become batched statements.
 
 use std::any::Any;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -73,7 +74,15 @@ impl<M: Model> TableState<M> {
                 return deleted.clone();
             }
         }
-        if let Some(existing) = self.identity.get(&key) {
+        // One probe of the map whether the row is new or known.
+        let existing = match self.identity.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let tracked = Tracked::new(value, ObjectStatus::Persistent, Some(Arc::clone(&self.dirty)));
+                return entry.insert(tracked).clone();
+            }
+        };
+        {
             let mut meta = existing.meta();
             if meta.expired {
                 // If the caller still borrows the object, it stays expired
@@ -98,12 +107,8 @@ impl<M: Model> TableState<M> {
                     meta.expired = false;
                 }
             }
-            drop(meta);
-            return existing.clone();
         }
-        let tracked = Tracked::new(value, ObjectStatus::Persistent, Some(Arc::clone(&self.dirty)));
-        self.identity.insert(key, tracked.clone());
-        tracked
+        existing.clone()
     }
 
     /// Changed columns of every persistent object with changes, grouped by
