@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use crate::error::{Error, Result};
@@ -29,6 +29,10 @@ pub(crate) struct Data<M> {
     /// The last known database state, copied when the object is first
     /// borrowed mutably; `None` means `value` is the database state.
     pub(crate) loaded: Option<M>,
+    /// The object changed while a flush's statement for it was in flight, so
+    /// which of its values reached the database is unknown: the next flush
+    /// sends every column again.
+    pub(crate) resend_all: bool,
 }
 
 /// The session's bookkeeping, apart from the value so that the session can
@@ -46,6 +50,9 @@ pub(crate) struct Meta {
 pub(crate) struct Shared<M> {
     data: RwLock<Data<M>>,
     meta: Mutex<Meta>,
+    /// Counts `write()` borrows, so a flush can tell whether the object
+    /// changed between building a statement and marking the object clean.
+    version: AtomicU64,
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -93,7 +100,12 @@ impl<M: Model> Tracked<M> {
     pub(crate) fn new(value: M, status: ObjectStatus, dirty: Option<Arc<AtomicBool>>) -> Self {
         Tracked {
             inner: Arc::new(Shared {
-                data: RwLock::new(Data { value, loaded: None }),
+                data: RwLock::new(Data {
+                    value,
+                    loaded: None,
+                    resend_all: false,
+                }),
+                version: AtomicU64::new(0),
                 meta: Mutex::new(Meta {
                     status,
                     expired: false,
@@ -126,6 +138,11 @@ impl<M: Model> Tracked<M> {
         }
     }
 
+    /// How many times the object was borrowed mutably.
+    pub(crate) fn version(&self) -> u64 {
+        self.inner.version.load(Ordering::Acquire)
+    }
+
     /// Borrows the object's current value.
     pub fn read(&self) -> TrackedRef<'_, M> {
         TrackedRef(self.inner.data.read().unwrap_or_else(PoisonError::into_inner))
@@ -135,6 +152,7 @@ impl<M: Model> Tracked<M> {
     /// known database state at the next flush.
     pub fn write(&self) -> TrackedMut<'_, M> {
         let mut data = self.inner.data.write().unwrap_or_else(PoisonError::into_inner);
+        self.inner.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
         if meta.status == ObjectStatus::Persistent {
             if data.loaded.is_none() {

@@ -120,14 +120,17 @@ impl<M: Model> TableState<M> {
             let data = tracked.data()?;
             let Some(loaded) = &data.loaded else { continue };
             let changed: Vec<usize> = (0..table.columns.len())
-                .filter(|&c| data.value.column_differs(loaded, c))
+                .filter(|&c| data.value.column_differs(loaded, c) || (data.resend_all && !table.columns[c].primary_key))
                 .collect();
             drop(data);
             if changed.is_empty() {
                 // Borrowed mutably but left as it was: nothing to send. While
                 // the caller still reads it, the check simply runs again later.
                 match tracked.data_mut() {
-                    Ok(mut data) => data.loaded = None,
+                    Ok(mut data) => {
+                        data.loaded = None;
+                        data.resend_all = false;
+                    }
                     Err(_) => self.dirty.store(true, Ordering::Release),
                 }
                 continue;
@@ -210,6 +213,7 @@ impl<M: Model> TableState<M> {
         }
         let returning_names: Vec<&'static str> = returning.iter().map(|&c| table.columns[c].name).collect();
 
+        let versions: Vec<u64> = objects.iter().map(Tracked::version).collect();
         if explicit.is_empty() {
             // Every column comes from a default: one DEFAULT VALUES row each.
             for object in &objects {
@@ -226,7 +230,7 @@ impl<M: Model> TableState<M> {
                 })?;
                 object.data_mut()?.value.set_from_row(row, &returning)?;
             }
-            return self.mark_inserted(objects);
+            return self.mark_inserted(objects, &versions);
         }
 
         let source = {
@@ -245,7 +249,7 @@ impl<M: Model> TableState<M> {
         if returning.is_empty() {
             let inserted = exec.execute(&writer.sql, &writer.params).await?;
             check_count(table, "insert", objects.len(), inserted)?;
-            return self.mark_inserted(objects);
+            return self.mark_inserted(objects, &versions);
         }
 
         let rows = exec.query(&writer.sql, &writer.params).await?;
@@ -277,16 +281,30 @@ impl<M: Model> TableState<M> {
                 objects[i].data_mut()?.value.set_from_row(row, &returning)?;
             }
         }
-        self.mark_inserted(objects)
+        self.mark_inserted(objects, &versions)
     }
 
-    fn mark_inserted(&mut self, objects: Vec<Tracked<M>>) -> Result<()> {
-        for object in objects {
-            let key = {
-                let mut data = object.data_mut()?;
-                data.loaded = None;
-                data.value.primary_key()
-            };
+    /// Marks an object whose statement succeeded as matching the database,
+    /// unless it was changed while the statement was in flight (from another
+    /// task holding a handle): then which values the database got is unknown,
+    /// and the object is left for the next flush to send in full.
+    fn settle(&self, object: &Tracked<M>, version_sent: u64) -> Result<()> {
+        let mut data = object.data_mut()?;
+        if object.version() == version_sent {
+            data.loaded = None;
+            data.resend_all = false;
+        } else {
+            data.loaded = Some(data.value.clone());
+            data.resend_all = true;
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn mark_inserted(&mut self, objects: Vec<Tracked<M>>, versions: &[u64]) -> Result<()> {
+        for (object, &version) in objects.into_iter().zip(versions) {
+            self.settle(&object, version)?;
+            let key = object.data()?.value.primary_key();
             {
                 let mut meta = object.meta();
                 meta.status = ObjectStatus::Persistent;
@@ -360,6 +378,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 return Ok(());
             }
             for (changed, objects) in self.dirty_groups()? {
+                let versions: Vec<u64> = objects.iter().map(Tracked::version).collect();
                 let writer = {
                     let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
                     let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
@@ -380,8 +399,8 @@ impl<M: Model> TableUnit for TableState<M> {
                 };
                 let updated = exec.execute(&writer.sql, &writer.params).await?;
                 check_count(table, "update", objects.len(), updated)?;
-                for object in objects {
-                    object.data_mut()?.loaded = None;
+                for (object, version) in objects.iter().zip(versions) {
+                    self.settle(object, version)?;
                 }
             }
             Ok(())

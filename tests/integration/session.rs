@@ -792,3 +792,30 @@ async fn a_row_marked_for_deletion_stays_one_deleted_object_until_flushed() {
     session.commit().await.unwrap();
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
 }
+
+#[tokio::test]
+async fn a_change_made_while_its_flush_is_in_flight_is_not_lost() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+
+    // Another task changes the object after the UPDATE was built, before it completed.
+    sandy.write().email = Some("first@example.com".into());
+    let (flushed, ()) = tokio::join!(session.flush(), async {
+        sandy.write().role = Some("late".into());
+    });
+    flushed.unwrap();
+    // Likewise for a new object during its INSERT.
+    let patrick = session.add(User::new("patrick"));
+    let (flushed, ()) = tokio::join!(session.flush(), async {
+        patrick.write().email = Some("late@example.com".into());
+    });
+    flushed.unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT name || ' ' || coalesce(email, '-') || ' ' || role FROM users ORDER BY id")
+            .await,
+        ["sandy first@example.com late", "patrick late@example.com member"]
+    );
+}
