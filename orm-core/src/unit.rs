@@ -284,6 +284,51 @@ impl<M: Model> TableState<M> {
         self.mark_inserted(objects, &versions)
     }
 
+    /// A new object with the key of an object deleted in the same flush
+    /// becomes an UPDATE of that row (SQLAlchemy's "row switch"), instead of
+    /// an INSERT that would run into the row the DELETE has not removed yet.
+    /// Columns the new object leaves to the database keep the row's values.
+    fn switch_rows(&mut self) -> Result<()> {
+        let table = M::TABLE;
+        let mut i = 0;
+        while i < self.new.len() {
+            let key = {
+                let data = self.new[i].data()?;
+                let key_unassigned = table.primary_key.iter().any(|&c| data.value.column_is_unset(c));
+                (!key_unassigned).then(|| data.value.primary_key())
+            };
+            let Some(position) = key.and_then(|key| self.deleted.iter().position(|(deleted, _)| *deleted == key))
+            else {
+                i += 1;
+                continue;
+            };
+            let (key, old) = self.deleted.remove(position);
+            let row = {
+                let data = old.data()?;
+                data.loaded.clone().unwrap_or_else(|| data.value.clone())
+            };
+            old.meta().status = ObjectStatus::Detached;
+            let object = self.new.remove(i);
+            {
+                let mut data = object.data_mut()?;
+                for column in 0..table.columns.len() {
+                    if data.value.column_is_unset(column) {
+                        data.value.copy_column(&row, column);
+                    }
+                }
+                data.loaded = Some(row);
+            }
+            {
+                let mut meta = object.meta();
+                meta.status = ObjectStatus::Persistent;
+                meta.dirty = Some(Arc::clone(&self.dirty));
+            }
+            self.dirty.store(true, Ordering::Release);
+            self.identity.insert(key, object);
+        }
+        Ok(())
+    }
+
     /// Marks an object whose statement succeeded as matching the database,
     /// unless it was changed while the statement was in flight (from another
     /// task holding a handle): then which values the database got is unknown,
@@ -344,6 +389,9 @@ impl<M: Model> TableUnit for TableState<M> {
 
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            if !self.deleted.is_empty() {
+                self.switch_rows()?;
+            }
             if self.new.is_empty() {
                 return Ok(());
             }

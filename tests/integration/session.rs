@@ -819,3 +819,39 @@ async fn a_change_made_while_its_flush_is_in_flight_is_not_lost() {
         ["sandy first@example.com late", "patrick late@example.com member"]
     );
 }
+
+#[tokio::test]
+async fn deleting_a_row_and_adding_one_with_its_key_in_one_flush_updates_it() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(Author {
+        id: 1,
+        name: "old".into(),
+    });
+    session.commit().await.unwrap();
+
+    let old = session.get::<Author>(1).await.unwrap().unwrap();
+    session.delete(&old).unwrap();
+    let new = session.add(Author {
+        id: 1,
+        name: "new".into(),
+    });
+    let echo = EchoCapture::start();
+    session.commit().await.unwrap();
+    let statements = echo.take();
+    assert!(
+        statements.iter().any(|s| s.starts_with(r#"UPDATE "authors""#)),
+        "{statements:?}"
+    );
+    assert!(
+        !statements
+            .iter()
+            .any(|s| s.starts_with("DELETE") || s.starts_with("INSERT")),
+        "{statements:?}"
+    );
+    assert_eq!(db.strings("SELECT id || ':' || name FROM authors").await, ["1:new"]);
+    assert_eq!(old.status(), ObjectStatus::Detached);
+    assert_eq!(new.status(), ObjectStatus::Persistent);
+    let got = session.get::<Author>(1).await.unwrap().unwrap();
+    assert!(got.ptr_eq(&new));
+}
