@@ -58,6 +58,18 @@ struct NewUser {
     age: i32,
 }
 
+/// Keys set by the application and no server defaults: large batches of
+/// these go in by binary COPY.
+#[derive(Model, Debug, Clone)]
+#[orm(table = "keyed_users", base = BenchBase)]
+struct KeyedUser {
+    #[orm(primary_key)]
+    id: i64,
+    name: String,
+    email: String,
+    age: i32,
+}
+
 fn user_from_row(row: &Row) -> User {
     User {
         id: row.get(0),
@@ -506,6 +518,63 @@ impl Bench {
         let _ = engine;
     }
 
+    async fn insert_keyed(&mut self, rows: usize) {
+        let (sessions, engine) = (&self.sessions, &self.engine);
+        let keyed = |i: usize| KeyedUser {
+            id: i as i64 + 1,
+            name: format!("user {i}"),
+            email: format!("user{i}@example.com"),
+            age: (i % 90) as i32,
+        };
+        let (orm, raw) = compare(
+            &self.config,
+            || async {
+                let conn = engine.connect().await.unwrap();
+                conn.client().batch_execute("TRUNCATE keyed_users").await.unwrap();
+            },
+            || async {
+                let users: Vec<KeyedUser> = (0..rows).map(keyed).collect();
+                timed(async {
+                    let mut session = sessions.session();
+                    session.add_all(users);
+                    session.commit().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                let users: Vec<KeyedUser> = (0..rows).map(keyed).collect();
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
+                timed(async {
+                    let sink = raw
+                        .copy_in("COPY keyed_users (id, name, email, age) FROM STDIN BINARY")
+                        .await
+                        .unwrap();
+                    let mut writer = pin!(BinaryCopyInWriter::new(
+                        sink,
+                        &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT4]
+                    ));
+                    for user in &users {
+                        writer
+                            .as_mut()
+                            .write(&[&user.id, &user.name, &user.email, &user.age])
+                            .await
+                            .unwrap();
+                    }
+                    writer.finish().await.unwrap();
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("insert {rows} with keys set by the application"),
+            orm,
+            raw,
+            "binary COPY",
+        );
+    }
+
     async fn update(&mut self, rows: usize) {
         self.fill_users(rows).await;
         let statement = self
@@ -697,6 +766,7 @@ async fn main() {
     for rows in [1, 100, scale(10_000, 1_000)] {
         bench.insert(rows).await;
     }
+    bench.insert_keyed(scale(10_000, 1_000)).await;
     bench.update(scale(1_000, 10)).await;
     bench.report.print();
 

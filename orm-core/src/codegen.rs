@@ -2,7 +2,7 @@
 
 use crate::expr::Column;
 use crate::model::TableDef;
-use crate::types::{ColumnType, NullableColumnType, Param, PrimaryKeyColumnType, TextColumnType};
+use crate::types::{ColumnType, NullableColumnType, PrimaryKeyColumnType, TextColumnType};
 
 pub use crate::metadata::{base_id, Registration};
 pub use crate::model::decode_column;
@@ -52,8 +52,15 @@ pub fn decode_field<T: ColumnType>(row: &Row, index: usize, table: &TableDef, co
     crate::model::decode_column(row, index, table, column)
 }
 
+/// A field as a value to encode; bound by `ColumnType` for the same reason
+/// as `decode_field`.
+#[inline]
+pub fn column_value<T: ColumnType>(value: &T) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+    value
+}
+
 /// Reached only if generated code and its table description disagree.
-pub fn no_such_column(table: &TableDef, column: usize) -> Param {
+pub fn no_such_column(table: &TableDef, column: usize) -> ! {
     panic!(
         "internal error: model {} has no column at position {column}",
         table.model

@@ -453,6 +453,52 @@ impl<'c> Executor<'c> {
         .await
     }
 
+    /// Runs `COPY ... FROM STDIN` and streams the data `fill` writes: each
+    /// call appends a chunk to the buffer and says whether more follows.
+    /// Chunks are made between awaits, so no borrow is held across one.
+    pub(crate) async fn copy_in(
+        &self,
+        sql: &str,
+        mut fill: impl FnMut(&mut bytes::BytesMut) -> Result<bool>,
+    ) -> Result<u64> {
+        self.pipelined(async {
+            let started = Instant::now();
+            let result = async {
+                let sink = self
+                    .client
+                    .copy_in::<_, bytes::Bytes>(sql)
+                    .await
+                    .map_err(Error::from_driver)?;
+                let mut sink = std::pin::pin!(sink);
+                let mut buffer = bytes::BytesMut::with_capacity(64 * 1024);
+                loop {
+                    let more = fill(&mut buffer)?;
+                    if !buffer.is_empty() {
+                        futures_util::SinkExt::send(&mut sink, buffer.split().freeze())
+                            .await
+                            .map_err(Error::from_driver)?;
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                sink.as_mut().finish().await.map_err(Error::from_driver)
+            }
+            .await;
+            if self.echo {
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                match &result {
+                    Ok(_) => tracing::info!(target: "orm::echo", sql, params = 0usize, elapsed_us, "{sql}"),
+                    Err(error) => {
+                        tracing::info!(target: "orm::echo", sql, params = 0usize, elapsed_us, %error, "{sql}")
+                    }
+                }
+            }
+            result
+        })
+        .await
+    }
+
     /// Runs statements without parameters over the simple protocol.
     pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
         self.pipelined(self.batch_now(sql)).await

@@ -122,6 +122,9 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// the row's values, the row's `i`-th column going to `columns[i]`.
     fn set_from_row(&mut self, row: &Row, columns: &[usize]) -> Result<()>;
 
+    /// One column's value, for encoding (binary COPY).
+    fn column_value(&self, column: usize) -> &(dyn tokio_postgres::types::ToSql + Sync);
+
     /// One column of many objects, as an array bind parameter.
     fn column_array(objects: &[&Self], column: usize) -> Param;
 

@@ -9,15 +9,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio_postgres::types::Type;
+use bytes::BufMut;
+use tokio_postgres::types::{IsNull, Type};
 use tokio_postgres::Row;
 
 use crate::engine::Executor;
 use crate::error::{Error, Result};
 use crate::model::{Model, TableDef};
 use crate::sql::{
-    BinaryOp, ColumnRef, DeleteStatement, Dialect, Expr, InsertSource, InsertStatement, ParamValue, Statement,
-    UnnestSource, UpdateStatement,
+    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Dialect, Expr, InsertSource, InsertStatement, ParamValue,
+    Statement, UnnestSource, UpdateStatement,
 };
 use crate::tracked::{ObjectStatus, Tracked};
 
@@ -233,6 +234,14 @@ impl<M: Model> TableState<M> {
             return self.mark_inserted(objects, &versions);
         }
 
+        if omitted.is_empty() && objects.len() >= COPY_THRESHOLD {
+            if let Some(types) = binary_copy_types(table) {
+                let copied = copy_in(exec, dialect, &objects, &types).await?;
+                check_count(table, "insert", objects.len(), copied)?;
+                return self.mark_inserted(objects, &versions);
+            }
+        }
+
         let source = {
             let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
             let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
@@ -363,6 +372,102 @@ impl<M: Model> TableState<M> {
         }
         Ok(())
     }
+}
+
+/// From this many new objects on, a group whose every column the objects
+/// supply goes in by binary COPY: two round trips instead of one, but each row
+/// costs far less on the server than through `INSERT ... SELECT`.
+const COPY_THRESHOLD: usize = 1_000;
+
+/// Rows encoded between two sends of a binary COPY.
+const COPY_CHUNK: usize = 1_024;
+
+/// The exact PostgreSQL type of every column, which binary COPY needs; `None`
+/// when a column has a type this table does not know (a user's own
+/// `ColumnType`), and the group goes through `unnest` instead.
+fn binary_copy_types(table: &'static TableDef) -> Option<Vec<Type>> {
+    table
+        .columns
+        .iter()
+        .map(|column| match (column.sql_type, column.length) {
+            ("text", Some(_)) => Some(Type::VARCHAR),
+            ("text", None) => Some(Type::TEXT),
+            ("smallint", _) => Some(Type::INT2),
+            ("integer", _) => Some(Type::INT4),
+            ("bigint", _) => Some(Type::INT8),
+            ("real", _) => Some(Type::FLOAT4),
+            ("double precision", _) => Some(Type::FLOAT8),
+            ("boolean", _) => Some(Type::BOOL),
+            ("bytea", _) => Some(Type::BYTEA),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Streams `objects` into their table with binary COPY and returns how many
+/// rows went in. See PostgreSQL's "COPY: binary format" for the layout.
+async fn copy_in<M: Model>(
+    exec: &Executor<'_>,
+    dialect: &dyn Dialect,
+    objects: &[Tracked<M>],
+    types: &[Type],
+) -> Result<u64> {
+    let table = M::TABLE;
+    let mut sql = String::new();
+    dialect.prepare_copy_in(
+        &mut sql,
+        &CopyInStatement {
+            table: table.name,
+            columns: table.columns.iter().map(|c| c.name).collect(),
+        },
+    );
+    let field_count = i16::try_from(types.len())
+        .map_err(|_| Error::InvalidState(format!("{} has too many columns for COPY", table.name)))?;
+    let mut next = 0;
+    exec.copy_in(&sql, |buffer| {
+        if next == 0 {
+            buffer.put_slice(b"PGCOPY\n\xff\r\n\0");
+            buffer.put_i32(0); // flags
+            buffer.put_i32(0); // header extension length
+        }
+        let end = (next + COPY_CHUNK).min(objects.len());
+        for object in &objects[next..end] {
+            let data = object.data()?;
+            buffer.put_i16(field_count);
+            for (column, column_type) in types.iter().enumerate() {
+                let length_at = buffer.len();
+                buffer.put_i32(0);
+                let written = data
+                    .value
+                    .column_value(column)
+                    .to_sql_checked(column_type, buffer)
+                    .map_err(|e| {
+                        Error::InvalidState(format!(
+                            "the value of {}.{} cannot be encoded as {column_type}: {e}",
+                            table.name, table.columns[column].name
+                        ))
+                    })?;
+                let length = match written {
+                    IsNull::Yes => -1,
+                    IsNull::No => i32::try_from(buffer.len() - length_at - 4).map_err(|_| {
+                        Error::InvalidState(format!(
+                            "a value of {}.{} is larger than PostgreSQL accepts",
+                            table.name, table.columns[column].name
+                        ))
+                    })?,
+                };
+                buffer[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+            }
+        }
+        next = end;
+        if next == objects.len() {
+            buffer.put_i16(-1); // trailer
+            Ok(false)
+        } else {
+            Ok(true)
+        }
+    })
+    .await
 }
 
 fn check_count(table: &'static TableDef, operation: &'static str, expected: usize, actual: u64) -> Result<()> {

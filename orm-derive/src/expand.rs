@@ -189,6 +189,12 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let ty = column.ty;
         quote!(#position => <#ty as #krate::ColumnType>::to_array(objects.iter().map(|object| &object.#field)),)
     });
+    let value_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        let ty = column.ty;
+        let as_value = quote_spanned!(ty.span()=> #krate::__private::column_value::<#ty>);
+        quote!(#position => #as_value(&self.#field),)
+    });
     let copy_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
         quote!(#position => self.#field = ::core::clone::Clone::clone(&other.#field),)
@@ -249,6 +255,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             fn column_array(objects: &[&Self], column: usize) -> #krate::Param {
                 match column {
                     #(#array_arms)*
+                    _ => #krate::__private::no_such_column(<Self as #krate::Model>::TABLE, column),
+                }
+            }
+
+            fn column_value(&self, column: usize) -> &(dyn #krate::tokio_postgres::types::ToSql + ::core::marker::Sync) {
+                match column {
+                    #(#value_arms)*
                     _ => #krate::__private::no_such_column(<Self as #krate::Model>::TABLE, column),
                 }
             }

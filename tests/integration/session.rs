@@ -855,3 +855,64 @@ async fn deleting_a_row_and_adding_one_with_its_key_in_one_flush_updates_it() {
     let got = session.get::<Author>(1).await.unwrap().unwrap();
     assert!(got.ptr_eq(&new));
 }
+
+#[tokio::test]
+async fn large_batches_with_every_column_set_go_in_by_binary_copy() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let members = session.add_all((0..2_500i64).map(|i| Membership {
+        group_id: (i % 7) as i32,
+        user_key: i,
+        level: (i % 5) as i16,
+        note: (i % 3 == 0).then(|| vec![i as u8, 0, 255]),
+        scratch: vec![],
+    }));
+    let echo = EchoCapture::start();
+    session.commit().await.unwrap();
+    let statements = echo.take();
+    assert!(
+        statements
+            .iter()
+            .any(|s| s == r#"COPY "memberships" ("group_id", "user_key", "level", "note") FROM STDIN (FORMAT binary)"#),
+        "{statements:?}"
+    );
+    assert!(!statements.iter().any(|s| s.starts_with("INSERT")), "{statements:?}");
+    assert!(members.iter().all(|m| m.status() == ObjectStatus::Persistent));
+    assert_eq!(db.scalar("SELECT count(*) FROM memberships").await, 2_500);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM memberships WHERE note IS NULL").await,
+        1_666
+    );
+    assert_eq!(
+        db.strings("SELECT group_id || ':' || user_key || ':' || level || ':' || encode(note, 'hex') FROM memberships WHERE user_key = 2499")
+            .await,
+        ["0:2499:4:c300ff"]
+    );
+    // The objects are tracked like inserted ones: a change is one UPDATE.
+    members[10].write().level = 42;
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT level::bigint FROM memberships WHERE user_key = 10")
+            .await,
+        42
+    );
+
+    // A violation inside a COPY is typed like any other, and nothing stays.
+    let mut session = sessionmaker(&db.engine).session();
+    session.add_all((0..1_500i64).map(|i| Membership {
+        group_id: 100,
+        user_key: if i == 1_499 { 0 } else { i },
+        level: 0,
+        note: None,
+        scratch: vec![],
+    }));
+    match session.commit().await.unwrap_err() {
+        Error::UniqueViolation { constraint, .. } => assert_eq!(constraint.as_deref(), Some("memberships_pkey")),
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM memberships WHERE group_id = 100").await,
+        0
+    );
+}

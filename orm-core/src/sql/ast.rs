@@ -144,6 +144,16 @@ pub struct UpdateStatement {
     pub filter: Option<Expr>,
 }
 
+/// `COPY table (columns) FROM STDIN (FORMAT binary)`: rows streamed in
+/// PostgreSQL's binary copy format, the fastest way in.
+#[derive(Debug, Clone)]
+pub struct CopyInStatement {
+    /// The table.
+    pub table: &'static str,
+    /// The columns, in the order each row's fields are sent.
+    pub columns: Vec<&'static str>,
+}
+
 /// `DELETE FROM table [USING unnest(...)] [WHERE ...]`.
 #[derive(Debug)]
 pub struct DeleteStatement {

@@ -257,6 +257,15 @@ pub trait Dialect: Send + Sync {
         }
     }
 
+    /// Renders a binary `COPY ... FROM STDIN`.
+    fn prepare_copy_in(&self, out: &mut String, stmt: &CopyInStatement) {
+        out.push_str("COPY ");
+        self.quote_identifier(out, stmt.table);
+        out.push_str(" (");
+        self.prepare_identifier_list(out, &stmt.columns);
+        out.push_str(") FROM STDIN (FORMAT binary)");
+    }
+
     /// Renders a `DELETE`.
     fn prepare_delete(&self, w: &mut SqlWriter, stmt: DeleteStatement) {
         w.sql.push_str("DELETE FROM ");
