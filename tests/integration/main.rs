@@ -4,6 +4,7 @@
 mod common;
 mod ddl;
 mod engine;
+mod hygiene;
 mod models;
 mod query;
 mod session;
