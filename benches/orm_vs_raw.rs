@@ -22,7 +22,7 @@ use orm::dev::{DevServer, TestDatabase};
 use orm::prelude::*;
 use orm::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use orm::tokio_postgres::types::{ToSql, Type};
-use orm::tokio_postgres::Row;
+use orm::tokio_postgres::{Row, Statement};
 
 orm::declarative_base!(BenchBase);
 
@@ -236,6 +236,12 @@ impl Bench {
             .expect(sql);
     }
 
+    /// Prepares a statement on the pool's one connection, for the raw side.
+    async fn prepare(&self, sql: &str) -> Statement {
+        let conn = self.engine.connect().await.unwrap();
+        conn.client().prepare(sql).await.unwrap()
+    }
+
     async fn fill_users(&self, count: usize) {
         self.sql("TRUNCATE users, posts RESTART IDENTITY").await;
         self.sql(&format!(
@@ -248,15 +254,7 @@ impl Bench {
 
     async fn select_all(&mut self, rows: usize) {
         self.fill_users(rows).await;
-        let statement = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
-            .prepare("SELECT id, name, email, age FROM users")
-            .await
-            .unwrap();
+        let statement = self.prepare("SELECT id, name, email, age FROM users").await;
         let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
@@ -293,14 +291,8 @@ impl Bench {
     async fn get_by_primary_key(&mut self, lookups: i64) {
         self.fill_users(lookups as usize).await;
         let statement = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
             .prepare("SELECT id, name, email, age FROM users WHERE id = $1")
-            .await
-            .unwrap();
+            .await;
         let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
@@ -341,16 +333,10 @@ impl Bench {
         )
         .await;
         let statement = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
             .prepare(
                 "SELECT id, user_id, title, score FROM posts WHERE score > $1 ORDER BY score DESC, id ASC LIMIT $2",
             )
-            .await
-            .unwrap();
+            .await;
         let (sessions, engine) = (&self.readers, &self.engine);
         let (orm, raw) = compare(
             &self.config,
@@ -399,14 +385,8 @@ impl Bench {
 
     async fn insert(&mut self, rows: usize) {
         let single = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
             .prepare("INSERT INTO new_users (name, email, age) VALUES ($1, $2, $3) RETURNING id")
-            .await
-            .unwrap();
+            .await;
         let (sessions, engine) = (&self.sessions, &self.engine);
         let truncate = || async {
             let conn = engine.connect().await.unwrap();
@@ -577,15 +557,7 @@ impl Bench {
 
     async fn update(&mut self, rows: usize) {
         self.fill_users(rows).await;
-        let statement = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
-            .prepare("UPDATE users SET age = $1 WHERE id = $2")
-            .await
-            .unwrap();
+        let statement = self.prepare("UPDATE users SET age = $1 WHERE id = $2").await;
         let (sessions, engine) = (&self.sessions, &self.engine);
         let mut round = 0i32;
         let (orm, raw) = compare(
@@ -647,15 +619,7 @@ impl Bench {
 
     async fn stream(&mut self, rows: usize) {
         self.fill_users(rows).await;
-        let statement = self
-            .engine
-            .connect()
-            .await
-            .unwrap()
-            .client()
-            .prepare("SELECT id, name, email, age FROM users")
-            .await
-            .unwrap();
+        let statement = self.prepare("SELECT id, name, email, age FROM users").await;
         let (sessions, engine) = (&self.readers, &self.engine);
         let orm_peak = std::cell::Cell::new(0);
         let raw_peak = std::cell::Cell::new(0);

@@ -184,15 +184,7 @@ impl DatabaseUrl {
                     Host::Tcp(value)
                 })
             }
-            "port" => {
-                self.port = Some(
-                    value
-                        .parse()
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or_else(|| bad(&format!("{value:?} is not a port number between 1 and 65535")))?,
-                )
-            }
+            "port" => self.port = Some(parse_port(&value, &format!("query option {key:?}"))?),
             "user" => self.user = Some(value),
             "password" => self.password = Some(value),
             "dbname" => self.database = Some(value),
@@ -363,12 +355,17 @@ fn parse_host_port(hostport: &str, url: &mut DatabaseUrl) -> Result<()> {
         });
     }
     if let Some(port) = port {
-        url.port = Some(port.parse().ok().filter(|p| *p != 0).ok_or_else(|| Error::InvalidUrl {
-            part: "port".into(),
-            reason: format!("{port:?} is not a port number between 1 and 65535"),
-        })?);
+        url.port = Some(parse_port(port, "port")?);
     }
     Ok(())
+}
+
+/// A port number from 1 to 65535; `part` names where it was written.
+fn parse_port(text: &str, part: &str) -> Result<u16> {
+    text.parse().ok().filter(|p| *p != 0).ok_or_else(|| Error::InvalidUrl {
+        part: part.to_owned(),
+        reason: format!("{text:?} is not a port number between 1 and 65535"),
+    })
 }
 
 fn percent_decode(text: &str, part: &str) -> Result<String> {

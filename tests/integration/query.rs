@@ -303,3 +303,18 @@ async fn queries_of_related_tables() {
     let titles: Vec<String> = posts.iter().map(|p| p.read().title.clone()).collect();
     assert_eq!(titles, ["post 3", "post 2"]);
 }
+
+#[tokio::test]
+async fn a_limit_or_offset_beyond_bigint_is_an_error_naming_it() {
+    let (_db, mut session) = seeded().await;
+    match session.query::<User>().limit(u64::MAX).all().await {
+        Err(Error::InvalidState(message)) => assert!(message.contains("limit"), "{message}"),
+        other => panic!("expected an error naming the limit, got {other:?}"),
+    }
+    match session.query::<User>().offset(u64::MAX).first().await {
+        Err(Error::InvalidState(message)) => assert!(message.contains("offset"), "{message}"),
+        other => panic!("expected an error naming the offset, got {other:?}"),
+    }
+    // Nothing reached the server: the session is still usable.
+    assert_eq!(session.query::<User>().limit(i64::MAX as u64).count().await.unwrap(), 4);
+}

@@ -114,6 +114,14 @@ pub trait Dialect: Send + Sync {
         }
     }
 
+    /// Renders ` WHERE condition` when there is one.
+    fn prepare_where(&self, w: &mut SqlWriter, filter: Option<Expr>) {
+        if let Some(filter) = filter {
+            w.sql.push_str(" WHERE ");
+            self.prepare_expr(w, filter);
+        }
+    }
+
     /// Renders `(a AND b)` or `(a OR b)`.
     fn prepare_junction(&self, w: &mut SqlWriter, terms: Vec<Expr>, separator: &str, empty: &str) {
         if terms.is_empty() {
@@ -146,10 +154,7 @@ pub trait Dialect: Send + Sync {
         }
         w.sql.push_str(" FROM ");
         self.quote_identifier(&mut w.sql, stmt.from);
-        if let Some(filter) = stmt.filter {
-            w.sql.push_str(" WHERE ");
-            self.prepare_expr(w, filter);
-        }
+        self.prepare_where(w, stmt.filter);
         for (i, order) in stmt.order_by.into_iter().enumerate() {
             w.sql.push_str(if i == 0 { " ORDER BY " } else { ", " });
             self.prepare_expr(w, order.expr);
@@ -251,10 +256,7 @@ pub trait Dialect: Send + Sync {
             w.sql.push_str(" FROM ");
             self.prepare_unnest(w, from);
         }
-        if let Some(filter) = stmt.filter {
-            w.sql.push_str(" WHERE ");
-            self.prepare_expr(w, filter);
-        }
+        self.prepare_where(w, stmt.filter);
     }
 
     /// Renders a binary `COPY ... FROM STDIN`.
@@ -274,10 +276,7 @@ pub trait Dialect: Send + Sync {
             w.sql.push_str(" USING ");
             self.prepare_unnest(w, using);
         }
-        if let Some(filter) = stmt.filter {
-            w.sql.push_str(" WHERE ");
-            self.prepare_expr(w, filter);
-        }
+        self.prepare_where(w, stmt.filter);
     }
 
     /// Renders a column type.
