@@ -59,7 +59,7 @@
 pub use orm_core::{
     create_engine, dev, engine, error, expr, metadata, model, query, session, sessionmaker, sql, tracked, types, url,
     Column, ColumnDef, ColumnType, Condition, Connection, DatabaseUrl, Engine, EngineBuilder, Error, ForeignKeyDef,
-    IntoValue, MetaData, Model, ObjectStatus, Order, Param, PoolStatus, Query, Registration, Result, Session,
+    IntoValue, MetaData, Model, ObjectStatus, Order, Param, PoolStatus, Query, Registration, Result, Selection, Session,
     SessionConfig, SessionMaker, TableDef, Tracked, TrackedMut, TrackedRef,
 };
 

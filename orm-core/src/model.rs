@@ -116,7 +116,14 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     fn primary_key_params(key: &Self::PrimaryKey) -> Vec<Param>;
 
     /// Builds an object from a row whose columns are `TABLE.columns`, in order.
-    fn from_row(row: &Row) -> Result<Self>;
+    #[inline]
+    fn from_row(row: &Row) -> Result<Self> {
+        Self::from_row_at(row, 0)
+    }
+
+    /// Builds an object from `TABLE.columns`, in order, found in the row from
+    /// column `offset` on: the second model of a join starts after the first.
+    fn from_row_at(row: &Row, offset: usize) -> Result<Self>;
 
     /// Overwrites the fields at `columns` (positions in `TABLE.columns`) with
     /// the row's values, the row's `i`-th column going to `columns[i]`.

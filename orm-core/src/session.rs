@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::metadata::parents_first;
 use crate::model::Model;
 use crate::model::TableDef;
-use crate::query::Query;
+use crate::query::{Query, Selection, SessionUnits};
 use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, PgDialect, SelectStatement, Statement};
 use crate::tracked::{ObjectStatus, Tracked};
 use crate::unit::{TableState, TableUnit};
@@ -544,8 +544,9 @@ impl Session {
         result
     }
 
-    /// Runs a select of `M`'s columns and merges the rows into the identity map.
-    pub(crate) async fn load<M: Model>(&mut self, statement: SelectStatement) -> Result<Vec<Tracked<M>>> {
+    /// Runs a select of the selection's columns and merges each row's objects
+    /// into the identity maps.
+    pub(crate) async fn load<S: Selection>(&mut self, statement: SelectStatement) -> Result<Vec<S::Output>> {
         self.prepare_read().await?;
         let writer = statement.render(&self.dialect);
         let Session {
@@ -556,15 +557,17 @@ impl Session {
             ..
         } = self;
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
-        let unit = unit_of::<M>(units);
+        let mut merger = S::merger(SessionUnits(units));
         self.busy = true;
         let mut objects = Vec::new();
         let result = exec
             .for_each_row(&writer.sql, &writer.params, |row| {
-                objects.push(unit.merge_loaded(M::from_row(&row)?));
+                objects.push(S::merge(&mut merger, &row)?);
                 Ok(())
             })
             .await;
+        // Ends the loan of the identity maps before the session is used again.
+        drop(merger);
         self.finish_read(result.map(|()| objects)).await
     }
 

@@ -172,7 +172,7 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let field = column.ident;
         let ty = column.ty;
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-        quote!(#field: #decode(row, #position, <Self as #krate::Model>::TABLE, #position)?,)
+        quote!(#field: #decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?,)
     });
     let skipped = model
         .skipped
@@ -235,7 +235,8 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
                 #pk_params
             }
 
-            fn from_row(#row: &#krate::__private::Row) -> #krate::Result<Self> {
+            #[inline]
+            fn from_row_at(#row: &#krate::__private::Row, offset: usize) -> #krate::Result<Self> {
                 ::core::result::Result::Ok(#ident {
                     #(#decode_fields)*
                     #(#skipped)*

@@ -5,6 +5,7 @@ mod common;
 mod ddl;
 mod engine;
 mod hygiene;
+mod joins;
 mod models;
 mod query;
 mod session;

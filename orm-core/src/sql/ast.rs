@@ -77,13 +77,15 @@ pub struct OrderExpr {
     pub descending: bool,
 }
 
-/// `SELECT projection FROM table [WHERE] [ORDER BY] [LIMIT] [OFFSET]`.
+/// `SELECT projection FROM table [JOIN ...] [WHERE] [ORDER BY] [LIMIT] [OFFSET]`.
 #[derive(Debug, Default)]
 pub struct SelectStatement {
     /// The selected expressions.
     pub projection: Vec<Expr>,
     /// The table.
     pub from: &'static str,
+    /// Tables joined to `from`, in order.
+    pub joins: Vec<JoinClause>,
     /// The `WHERE` condition.
     pub filter: Option<Expr>,
     /// `ORDER BY` terms.
@@ -92,6 +94,26 @@ pub struct SelectStatement {
     pub limit: Option<Expr>,
     /// `OFFSET`, bound.
     pub offset: Option<Expr>,
+}
+
+/// How a joined table's rows combine with the rows before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinKind {
+    /// `JOIN`: only pairs that match.
+    Inner,
+    /// `LEFT JOIN`: every row on the left, with NULLs where nothing matches.
+    Left,
+}
+
+/// `[LEFT] JOIN table ON condition`.
+#[derive(Debug)]
+pub struct JoinClause {
+    /// Inner or left outer.
+    pub kind: JoinKind,
+    /// The joined table.
+    pub table: &'static str,
+    /// The `ON` condition.
+    pub on: Expr,
 }
 
 /// `unnest($1::type[], $2::type[], ...) [WITH ORDINALITY] AS alias(columns...)`:

@@ -154,6 +154,15 @@ pub trait Dialect: Send + Sync {
         }
         w.sql.push_str(" FROM ");
         self.quote_identifier(&mut w.sql, stmt.from);
+        for join in stmt.joins {
+            w.sql.push_str(match join.kind {
+                JoinKind::Inner => " JOIN ",
+                JoinKind::Left => " LEFT JOIN ",
+            });
+            self.quote_identifier(&mut w.sql, join.table);
+            w.sql.push_str(" ON ");
+            self.prepare_expr(w, join.on);
+        }
         self.prepare_where(w, stmt.filter);
         for (i, order) in stmt.order_by.into_iter().enumerate() {
             w.sql.push_str(if i == 0 { " ORDER BY " } else { ", " });
@@ -462,6 +471,7 @@ mod tests {
         let stmt = SelectStatement {
             projection: vec![col("users", "id"), col("users", "name")],
             from: "users",
+            joins: Vec::new(),
             filter: Some(Expr::And(vec![
                 Expr::Binary(
                     Box::new(col("users", "name")),
@@ -486,6 +496,33 @@ mod tests {
             r#"SELECT "users"."id", "users"."name" FROM "users" WHERE ("users"."name" = $1 AND ("users"."email" IS NULL OR "users"."id" > $2)) ORDER BY "users"."id" DESC LIMIT $3 OFFSET $4"#
         );
         assert_eq!(out.params.len(), 4);
+    }
+
+    #[test]
+    fn joins_render_in_order_with_their_conditions() {
+        let on = |left, right| Expr::Binary(Box::new(left), BinaryOp::Eq, Box::new(right));
+        let stmt = SelectStatement {
+            projection: vec![col("users", "id"), col("posts", "id")],
+            from: "users",
+            joins: vec![
+                JoinClause {
+                    kind: JoinKind::Inner,
+                    table: "posts",
+                    on: on(col("posts", "user_id"), col("users", "id")),
+                },
+                JoinClause {
+                    kind: JoinKind::Left,
+                    table: "tags",
+                    on: on(col("tags", "post_id"), col("posts", "id")),
+                },
+            ],
+            filter: Some(on(col("posts", "title"), param("x".to_owned()))),
+            ..SelectStatement::default()
+        };
+        assert_eq!(
+            stmt.render(&PgDialect).sql,
+            r#"SELECT "users"."id", "posts"."id" FROM "users" JOIN "posts" ON "posts"."user_id" = "users"."id" LEFT JOIN "tags" ON "tags"."post_id" = "posts"."id" WHERE "posts"."title" = $1"#
+        );
     }
 
     #[test]

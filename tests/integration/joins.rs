@@ -1,0 +1,295 @@
+//! Joins: the ON condition read from foreign keys or named, conditions and
+//! order on either model, pairs merged into the identity map, left joins.
+
+use orm::prelude::*;
+
+use crate::common::EchoCapture;
+use crate::models::{setup, Author, Book, Post, User};
+
+/// sandy has three posts, patrick one, gary none.
+async fn seeded() -> (crate::common::TestDb, Session) {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users: Vec<_> = ["sandy", "patrick", "gary"]
+        .into_iter()
+        .map(|name| session.add(User::new(name)))
+        .collect();
+    session.flush().await.unwrap();
+    let (sandy, patrick) = (users[0].read().id, users[1].read().id);
+    for (user_id, title, score) in [
+        (sandy, "acorns", 3.0),
+        (sandy, "karate", 9.5),
+        (sandy, "texas", 7.0),
+        (patrick, "rock", 1.0),
+    ] {
+        session.add(Post {
+            id: 0,
+            user_id,
+            title: title.to_owned(),
+            score,
+        });
+    }
+    session.commit().await.unwrap();
+    (db, session)
+}
+
+fn titles_and_names(rows: &[(Tracked<User>, Tracked<Post>)]) -> Vec<(String, String)> {
+    rows.iter()
+        .map(|(user, post)| (user.read().name.clone(), post.read().title.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn join_reads_the_condition_from_the_foreign_key_and_filters_both_sides() {
+    let (_db, mut session) = seeded().await;
+    let echo = EchoCapture::start();
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .filter(User::name.ne("patrick"))
+        .filter(Post::score.gt(5.0))
+        .order_by(Post::score.desc())
+        .limit(10)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(
+        titles_and_names(&rows),
+        [
+            ("sandy".to_owned(), "karate".to_owned()),
+            ("sandy".to_owned(), "texas".to_owned())
+        ]
+    );
+    let select = echo
+        .take_events()
+        .into_iter()
+        .find(|e| e.sql.starts_with("SELECT"))
+        .expect("the select was echoed");
+    assert!(
+        select.sql.contains(
+            r#" FROM "users" JOIN "posts" ON "posts"."user_id" = "users"."id" WHERE ("users"."name" <> $1 AND "posts"."score" > $2) ORDER BY "posts"."score" DESC LIMIT $3"#
+        ),
+        "{}",
+        select.sql
+    );
+    assert_eq!(select.params, Some(3));
+}
+
+#[tokio::test]
+async fn joined_objects_enter_the_identity_map_once_per_row() {
+    let (_db, mut session) = seeded().await;
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .filter(User::name.eq("sandy"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    // One user object for the three rows that carry sandy...
+    assert!(rows.iter().all(|(user, _)| user.ptr_eq(&rows[0].0)));
+    // ...and it is the session's object for that key, as are the posts.
+    let sandy_id = rows[0].0.read().id;
+    let sandy = session.get::<User>(sandy_id).await.unwrap().unwrap();
+    assert!(sandy.ptr_eq(&rows[0].0));
+    let post_id = rows[1].1.read().id;
+    let post = session.get::<Post>(post_id).await.unwrap().unwrap();
+    assert!(post.ptr_eq(&rows[1].1));
+
+    // Changes made through a joined object are flushed like any other.
+    rows[0].1.write().title = "acorns, revised".to_owned();
+    session.commit().await.unwrap();
+    let stored = session
+        .raw_query("SELECT title FROM posts WHERE id = $1", &[&rows[0].1.read().id])
+        .await
+        .unwrap();
+    assert_eq!(stored[0].get::<_, String>(0), "acorns, revised");
+}
+
+#[tokio::test]
+async fn join_from_the_child_side_follows_the_same_foreign_key() {
+    let (_db, mut session) = seeded().await;
+    let (post, author) = session
+        .query::<Post>()
+        .join::<User>()
+        .filter(Post::title.eq("rock"))
+        .one()
+        .await
+        .unwrap();
+    assert_eq!(post.read().title, "rock");
+    assert_eq!(author.read().name, "patrick");
+    assert_eq!(post.read().user_id, author.read().id);
+}
+
+#[tokio::test]
+async fn left_join_keeps_rows_without_a_match() {
+    let (_db, mut session) = seeded().await;
+    let rows = session
+        .query::<User>()
+        .left_join::<Post>()
+        .order_by(User::name)
+        .order_by(Post::title)
+        .all()
+        .await
+        .unwrap();
+    let seen: Vec<(String, Option<String>)> = rows
+        .iter()
+        .map(|(user, post)| (user.read().name.clone(), post.as_ref().map(|p| p.read().title.clone())))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("gary".to_owned(), None),
+            ("patrick".to_owned(), Some("rock".to_owned())),
+            ("sandy".to_owned(), Some("acorns".to_owned())),
+            ("sandy".to_owned(), Some("karate".to_owned())),
+            ("sandy".to_owned(), Some("texas".to_owned())),
+        ]
+    );
+    // The classic anti-join: users with no posts.
+    let lonely = session
+        .query::<User>()
+        .left_join::<Post>()
+        .filter(Post::id.is_null())
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(lonely.len(), 1);
+    assert_eq!(lonely[0].0.read().name, "gary");
+    assert!(lonely[0].1.is_none());
+}
+
+#[tokio::test]
+async fn count_first_and_one_work_on_joins() {
+    let (_db, mut session) = seeded().await;
+    assert_eq!(session.query::<User>().join::<Post>().count().await.unwrap(), 4);
+    assert_eq!(session.query::<User>().left_join::<Post>().count().await.unwrap(), 5);
+    assert_eq!(
+        session
+            .query::<User>()
+            .join::<Post>()
+            .filter(User::name.eq("sandy"))
+            .limit(2)
+            .count()
+            .await
+            .unwrap(),
+        2
+    );
+    let (_, top) = session
+        .query::<User>()
+        .join::<Post>()
+        .order_by(Post::score.desc())
+        .first()
+        .await
+        .unwrap()
+        .expect("a row");
+    assert_eq!(top.read().title, "karate");
+    match session
+        .query::<User>()
+        .join::<Post>()
+        .filter(User::name.eq("sandy"))
+        .one()
+        .await
+    {
+        Err(Error::MultipleRowsFound { table }) => assert_eq!(table, "users"),
+        other => panic!("expected MultipleRowsFound, got {other:?}"),
+    }
+    match session.query::<User>().join::<Post>().filter(User::name.eq("gary")).one().await {
+        Err(Error::NotFound { table }) => assert_eq!(table, "users"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_join_sees_unflushed_changes_when_autoflush_is_on() {
+    let (_db, mut session) = seeded().await;
+    let gary = session
+        .query::<User>()
+        .filter(User::name.eq("gary"))
+        .one()
+        .await
+        .unwrap();
+    let gary_id = gary.read().id;
+    session.add(Post {
+        id: 0,
+        user_id: gary_id,
+        title: "meow".to_owned(),
+        score: 2.0,
+    });
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .filter(User::id.eq(gary_id))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(titles_and_names(&rows), [("gary".to_owned(), "meow".to_owned())]);
+}
+
+#[tokio::test]
+async fn join_on_names_the_columns() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    session.add(Author {
+        id: 7,
+        name: "Tolkien".to_owned(),
+    });
+    for (isbn, title) in [("isbn-1", "The Hobbit"), ("isbn-2", "Silmarillion")] {
+        session.add(Book {
+            isbn: isbn.to_owned(),
+            author_id: 7,
+            title: title.to_owned(),
+        });
+    }
+    // A column pair no foreign key declares: authors matched to users by name.
+    session.add(User::new("Tolkien"));
+    session.commit().await.unwrap();
+
+    let rows = session
+        .query::<Author>()
+        .join_on(Author::id, Book::author_id)
+        .order_by(Book::isbn.desc())
+        .all()
+        .await
+        .unwrap();
+    let titles: Vec<String> = rows.iter().map(|(_, b)| b.read().title.clone()).collect();
+    assert_eq!(titles, ["Silmarillion", "The Hobbit"]);
+
+    let (author, user) = session
+        .query::<Author>()
+        .join_on(Author::name, User::name)
+        .one()
+        .await
+        .unwrap();
+    assert_eq!(author.read().id, 7);
+    assert_eq!(user.read().name, "Tolkien");
+
+    let rows = session
+        .query::<User>()
+        .left_join_on(User::name, Author::name)
+        .filter(User::name.eq("Tolkien"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1.as_ref().map(|a| a.read().id), Some(7));
+}
+
+#[tokio::test]
+async fn joins_without_one_foreign_key_or_of_a_table_with_itself_are_errors_naming_them() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    match session.query::<User>().join::<Author>().all().await {
+        Err(Error::Metadata(message)) => {
+            assert!(message.contains("User") && message.contains("Author"), "{message}");
+            assert!(message.contains("join_on"), "{message}");
+        }
+        other => panic!("expected a metadata error naming both models, got {other:?}"),
+    }
+    match session.query::<User>().left_join::<User>().count().await {
+        Err(Error::Metadata(message)) => assert!(message.contains("itself"), "{message}"),
+        other => panic!("expected a metadata error for a self-join, got {other:?}"),
+    }
+    // Nothing reached the server: the session is still usable.
+    assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+}
