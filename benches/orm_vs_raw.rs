@@ -5,7 +5,11 @@
 //! ```text
 //! cargo bench --bench orm_vs_raw            # the full run
 //! ORM_BENCH_SMOKE=1 cargo bench --bench orm_vs_raw   # tiny sizes, one sample: CI keeps it compiling and working
+//! ORM_BENCH_ONLY=select,join cargo bench --bench orm_vs_raw   # some workloads only
 //! ```
+//!
+//! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
+//! `join`, `insert`, `insert_keyed`, `update`.
 //!
 //! The raw side uses statements prepared once, on the same pooled connection
 //! the ORM's sessions use (a pool of one), so that both talk to the same
@@ -100,11 +104,17 @@ fn new_user(i: usize) -> NewUser {
 
 struct Config {
     smoke: bool,
+    /// The workloads to run (`ORM_BENCH_ONLY`); all when empty.
+    only: Vec<String>,
     /// Wall time to spend sampling each side of a workload.
     budget: Duration,
 }
 
 impl Config {
+    fn wants(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|w| w == workload)
+    }
+
     fn samples_cap(&self) -> usize {
         if self.smoke {
             1
@@ -708,6 +718,12 @@ async fn main() {
     let smoke = std::env::var_os("ORM_BENCH_SMOKE").is_some();
     let config = Config {
         smoke,
+        only: std::env::var("ORM_BENCH_ONLY")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect(),
         budget: Duration::from_millis(if smoke { 0 } else { 1_500 }),
     };
     let server = DevServer::start().await.expect("a PostgreSQL server");
@@ -725,18 +741,33 @@ async fn main() {
     println!("orm vs raw tokio-postgres{}", if smoke { " (smoke run)" } else { "" });
     let scale = |full: usize, small: usize| if smoke { small } else { full };
 
+    let wants = |bench: &Bench, workload: &str| bench.config.wants(workload);
     // First, while the process is small, so its peak memory means something.
-    bench.stream(scale(1_000_000, 10_000)).await;
-    for rows in [1, 100, scale(10_000, 1_000)] {
-        bench.select_all(rows).await;
+    if wants(&bench, "stream") {
+        bench.stream(scale(1_000_000, 10_000)).await;
     }
-    bench.get_by_primary_key(scale(1_000, 10) as i64).await;
-    bench.medium_query().await;
-    for rows in [1, 100, scale(10_000, 1_000)] {
-        bench.insert(rows).await;
+    if wants(&bench, "select") {
+        for rows in [1, 100, scale(10_000, 1_000)] {
+            bench.select_all(rows).await;
+        }
     }
-    bench.insert_keyed(scale(10_000, 1_000)).await;
-    bench.update(scale(1_000, 10)).await;
+    if wants(&bench, "get") {
+        bench.get_by_primary_key(scale(1_000, 10) as i64).await;
+    }
+    if wants(&bench, "join") {
+        bench.medium_query().await;
+    }
+    if wants(&bench, "insert") {
+        for rows in [1, 100, scale(10_000, 1_000)] {
+            bench.insert(rows).await;
+        }
+    }
+    if wants(&bench, "insert_keyed") {
+        bench.insert_keyed(scale(10_000, 1_000)).await;
+    }
+    if wants(&bench, "update") {
+        bench.update(scale(1_000, 10)).await;
+    }
     bench.report.print();
 
     drop(bench);

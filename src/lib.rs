@@ -59,8 +59,8 @@
 pub use orm_core::{
     create_engine, dev, engine, error, expr, metadata, model, query, session, sessionmaker, sql, tracked, types, url,
     Column, ColumnDef, ColumnType, Condition, Connection, DatabaseUrl, Engine, EngineBuilder, Error, ForeignKeyDef,
-    IntoValue, MetaData, Model, ObjectStatus, Order, Param, PoolStatus, Query, Registration, Result, Selection, Session,
-    SessionConfig, SessionMaker, TableDef, Tracked, TrackedMut, TrackedRef,
+    IntoValue, MetaData, Model, ObjectStatus, Order, Param, PoolStatus, Query, Registration, Result, Selection,
+    Session, SessionConfig, SessionMaker, TableDef, Tracked, TrackedMut, TrackedRef,
 };
 
 /// The PostgreSQL driver this crate links, so users can name its exact version

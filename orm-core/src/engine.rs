@@ -10,6 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
+use crate::sql::SqlCache;
 use crate::types::Param;
 use crate::url::DatabaseUrl;
 
@@ -34,6 +35,8 @@ struct EngineInner {
     pool_timeout: Duration,
     connect_timeout: Option<Duration>,
     echo: bool,
+    /// SQL text by statement shape, shared by the engine's sessions.
+    sql: SqlCache,
 }
 
 impl fmt::Debug for Engine {
@@ -181,6 +184,7 @@ impl EngineBuilder {
             })?;
         Ok(Engine {
             inner: Arc::new(EngineInner {
+                sql: SqlCache::default(),
                 url,
                 pool,
                 pool_timeout: self.pool_timeout,
@@ -236,6 +240,12 @@ impl Engine {
     /// Whether statements are logged.
     pub fn echo(&self) -> bool {
         self.inner.echo
+    }
+
+    /// The SQL rendered so far, by statement shape: sessions render each
+    /// shape of statement once per engine.
+    pub fn sql_cache(&self) -> &SqlCache {
+        &self.inner.sql
     }
 
     /// The pool's occupancy.

@@ -137,7 +137,7 @@ impl<M: Model, T: ColumnType> Column<M, T> {
         Condition::new(Expr::Binary(
             Box::new(self.expr()),
             op,
-            Box::new(Expr::Param(ParamValue(Box::new(value.into_value())))),
+            Box::new(Expr::Param(ParamValue::new(Box::new(value.into_value())))),
         ))
     }
 
@@ -190,7 +190,7 @@ impl<M: Model, T: ColumnType> Column<M, T> {
         // Each value goes through IntoValue for the type check, then is
         // collected as the column's own type so the array binds as `T[]`.
         let list: Vec<T> = values.into_iter().map(|v| v.into_value()).collect();
-        Condition::new(Expr::EqualsAny(Box::new(self.expr()), ParamValue(Box::new(list))))
+        Condition::new(Expr::EqualsAny(Box::new(self.expr()), ParamValue::new(Box::new(list))))
     }
 
     /// Ascending order on this column.
@@ -221,7 +221,7 @@ impl<M: Model, T: TextColumnType> Column<M, T> {
         Condition::new(Expr::Binary(
             Box::new(self.expr()),
             op,
-            Box::new(Expr::Param(ParamValue(Box::new(pattern.into_value())))),
+            Box::new(Expr::Param(ParamValue::new(Box::new(pattern.into_value())))),
         ))
     }
 

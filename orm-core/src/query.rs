@@ -123,9 +123,16 @@ impl<M: Model> Selection for M {
 fn two_units<A: Model, B: Model>(units: SessionUnits<'_>) -> (IdentityMap<'_, A>, IdentityMap<'_, B>) {
     unit_of::<A>(units.0);
     unit_of::<B>(units.0);
-    let [a, b] = units.0.get_disjoint_mut([&TypeId::of::<A>(), &TypeId::of::<B>()]);
-    let a = a.and_then(|unit| unit.as_any_mut().downcast_mut::<TableState<A>>());
-    let b = b.and_then(|unit| unit.as_any_mut().downcast_mut::<TableState<B>>());
+    let (mut a, mut b) = (None, None);
+    // Mutable borrows of two entries at once, from one pass over the few
+    // models a session holds.
+    for (id, unit) in units.0.iter_mut() {
+        if *id == TypeId::of::<A>() {
+            a = unit.as_any_mut().downcast_mut::<TableState<A>>();
+        } else if *id == TypeId::of::<B>() {
+            b = unit.as_any_mut().downcast_mut::<TableState<B>>();
+        }
+    }
     (
         IdentityMap(a.expect("unit created above")),
         IdentityMap(b.expect("unit created above")),
@@ -324,7 +331,12 @@ impl<'s, M: Model> Query<'s, M> {
         }
     }
 
-    fn joined<S>(mut self, kind: JoinKind, table: &'static TableDef, on: std::result::Result<Expr, String>) -> Query<'s, S> {
+    fn joined<S>(
+        mut self,
+        kind: JoinKind,
+        table: &'static TableDef,
+        on: std::result::Result<Expr, String>,
+    ) -> Query<'s, S> {
         if M::TABLE.same_as(table) {
             self.invalid = Some(format!(
                 "cannot join {} to itself: joins of a table with itself need aliases, which are not supported yet",
@@ -374,24 +386,28 @@ impl<'s, M: Model> Query<'s, M> {
 
     /// [`join`](Query::join) on `left = right`, for tables linked by no
     /// foreign key or by several.
-    pub fn join_on<J: Model, T: ColumnType, U: ColumnType>(self, left: Column<M, T>, right: Column<J, U>) -> Query<'s, (M, J)>
+    pub fn join_on<J: Model, T, U>(self, left: Column<M, T>, right: Column<J, U>) -> Query<'s, (M, J)>
     where
-        T: Joinable<U>,
+        T: ColumnType + Joinable<U>,
+        U: ColumnType,
     {
-        let on = equals(column_expr(M::TABLE, left.position), column_expr(J::TABLE, right.position));
+        let on = equals(
+            column_expr(M::TABLE, left.position),
+            column_expr(J::TABLE, right.position),
+        );
         self.joined(JoinKind::Inner, J::TABLE, Ok(on))
     }
 
     /// [`left_join`](Query::left_join) on `left = right`.
-    pub fn left_join_on<J: Model, T: ColumnType, U: ColumnType>(
-        self,
-        left: Column<M, T>,
-        right: Column<J, U>,
-    ) -> Query<'s, (M, Option<J>)>
+    pub fn left_join_on<J: Model, T, U>(self, left: Column<M, T>, right: Column<J, U>) -> Query<'s, (M, Option<J>)>
     where
-        T: Joinable<U>,
+        T: ColumnType + Joinable<U>,
+        U: ColumnType,
     {
-        let on = equals(column_expr(M::TABLE, left.position), column_expr(J::TABLE, right.position));
+        let on = equals(
+            column_expr(M::TABLE, left.position),
+            column_expr(J::TABLE, right.position),
+        );
         self.joined(JoinKind::Left, J::TABLE, Ok(on))
     }
 
@@ -450,7 +466,7 @@ impl<'s, S: Selection> Query<'s, S> {
         value
             .map(|v| {
                 i64::try_from(v)
-                    .map(|v| Expr::Param(ParamValue(Box::new(v))))
+                    .map(|v| Expr::Param(ParamValue::new(Box::new(v))))
                     .map_err(|_| Error::InvalidState(format!("{name} {v} is larger than PostgreSQL's bigint")))
             })
             .transpose()

@@ -14,7 +14,7 @@ use crate::metadata::parents_first;
 use crate::model::Model;
 use crate::model::TableDef;
 use crate::query::{Query, Selection, SessionUnits};
-use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, PgDialect, SelectStatement, Statement};
+use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, SelectStatement};
 use crate::tracked::{ObjectStatus, Tracked};
 use crate::unit::{TableState, TableUnit};
 
@@ -125,7 +125,6 @@ pub struct Session {
     /// closes the connection rather than trust it.
     busy: bool,
     units: HashMap<TypeId, Box<dyn TableUnit>>,
-    dialect: PgDialect,
 }
 
 impl fmt::Debug for Session {
@@ -156,7 +155,6 @@ impl Session {
             failed: None,
             busy: false,
             units: HashMap::new(),
-            dialect: PgDialect,
         }
     }
 
@@ -361,23 +359,23 @@ impl Session {
             conn,
             units,
             engine,
-            dialect,
             begin_pending,
             ..
         } = self;
+        let cache = engine.sql_cache();
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let mut order: Vec<&mut Box<dyn TableUnit>> = units.values_mut().collect();
         let tables: Vec<&'static TableDef> = order.iter().map(|u| u.table()).collect();
         let ranks = parents_first(&tables);
         order.sort_by_key(|u| ranks.iter().position(|t| t.same_as(u.table())));
         for unit in order.iter_mut() {
-            unit.flush_inserts(&exec, dialect).await?;
+            unit.flush_inserts(&exec, cache).await?;
         }
         for unit in order.iter_mut() {
-            unit.flush_updates(&exec, dialect).await?;
+            unit.flush_updates(&exec, cache).await?;
         }
         for unit in order.iter_mut().rev() {
-            unit.flush_deletes(&exec, dialect).await?;
+            unit.flush_deletes(&exec, cache).await?;
         }
         if own_transaction {
             self.end_transaction("COMMIT").await?;
@@ -473,7 +471,7 @@ impl Session {
                             column: table.columns[c].name,
                         })),
                         BinaryOp::Eq,
-                        Box::new(Expr::Param(ParamValue(param))),
+                        Box::new(Expr::Param(ParamValue::new(param))),
                     )
                 })
                 .collect(),
@@ -548,7 +546,7 @@ impl Session {
     /// into the identity maps.
     pub(crate) async fn load<S: Selection>(&mut self, statement: SelectStatement) -> Result<Vec<S::Output>> {
         self.prepare_read().await?;
-        let writer = statement.render(&self.dialect);
+        let writer = self.engine.sql_cache().render(statement);
         let Session {
             conn,
             units,
@@ -578,7 +576,7 @@ impl Session {
         mut on_object: impl FnMut(M) -> Result<()>,
     ) -> Result<()> {
         self.prepare_read().await?;
-        let writer = statement.render(&self.dialect);
+        let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
         let result = self
             .executor()
@@ -590,7 +588,7 @@ impl Session {
     /// Runs a select whose rows are returned as they are (for `count`).
     pub(crate) async fn fetch_rows(&mut self, statement: SelectStatement) -> Result<Vec<Row>> {
         self.prepare_read().await?;
-        let writer = statement.render(&self.dialect);
+        let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
         let result = self.executor().query(&writer.sql, &writer.params).await;
         self.finish_read(result).await

@@ -17,7 +17,7 @@ use crate::engine::Executor;
 use crate::error::{Error, Result};
 use crate::model::{Model, TableDef};
 use crate::sql::{
-    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Dialect, Expr, InsertSource, InsertStatement, ParamValue,
+    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue, SqlCache,
     Statement, UnnestSource, UpdateStatement,
 };
 use crate::tracked::{ObjectStatus, Tracked};
@@ -33,9 +33,9 @@ const ORDINAL: &str = "orm_ordinal";
 pub(crate) trait TableUnit: Send + Sync {
     fn table(&self) -> &'static TableDef;
     fn has_changes(&self) -> bool;
-    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
-    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
-    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>>;
+    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
+    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
+    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
     /// After a commit: optionally mark every object expired.
     fn after_commit(&mut self, expire: bool);
     /// After a rollback or close: forget everything, detaching the objects.
@@ -155,7 +155,12 @@ fn unnest<M: Model>(objects: &[&M], columns: &[usize], ordinality: bool) -> Unne
         alias: ROWS,
         arrays: columns
             .iter()
-            .map(|&c| (ParamValue(M::column_array(objects, c)), table.columns[c].array_type))
+            .map(|&c| {
+                (
+                    ParamValue::new(M::column_array(objects, c)),
+                    table.columns[c].array_type,
+                )
+            })
             .collect(),
         columns: columns.iter().map(|&c| table.columns[c].name).collect(),
         ordinality: ordinality.then_some(ORDINAL),
@@ -199,7 +204,7 @@ impl<M: Model> TableState<M> {
     async fn insert_group(
         &mut self,
         exec: &Executor<'_>,
-        dialect: &dyn Dialect,
+        cache: &SqlCache,
         omitted: Vec<usize>,
         objects: Vec<Tracked<M>>,
     ) -> Result<()> {
@@ -224,7 +229,7 @@ impl<M: Model> TableState<M> {
                     source: InsertSource::DefaultValues,
                     returning: returning_names.clone(),
                 }
-                .render(dialect);
+                .cached(cache);
                 let rows = exec.query(&writer.sql, &writer.params).await?;
                 let row = rows.first().ok_or_else(|| Error::NotFound {
                     table: table.name.to_owned(),
@@ -236,7 +241,7 @@ impl<M: Model> TableState<M> {
 
         if omitted.is_empty() && objects.len() >= COPY_THRESHOLD {
             if let Some(types) = binary_copy_types(table) {
-                let copied = copy_in(exec, dialect, &objects, &types).await?;
+                let copied = copy_in(exec, cache, &objects, &types).await?;
                 check_count(table, "insert", objects.len(), copied)?;
                 return self.mark_inserted(objects, &versions);
             }
@@ -253,7 +258,7 @@ impl<M: Model> TableState<M> {
             source: InsertSource::Unnest(source),
             returning: returning_names,
         }
-        .render(dialect);
+        .cached(cache);
 
         if returning.is_empty() {
             let inserted = exec.execute(&writer.sql, &writer.params).await?;
@@ -408,13 +413,13 @@ fn binary_copy_types(table: &'static TableDef) -> Option<Vec<Type>> {
 /// rows went in. See PostgreSQL's "COPY: binary format" for the layout.
 async fn copy_in<M: Model>(
     exec: &Executor<'_>,
-    dialect: &dyn Dialect,
+    cache: &SqlCache,
     objects: &[Tracked<M>],
     types: &[Type],
 ) -> Result<u64> {
     let table = M::TABLE;
     let mut sql = String::new();
-    dialect.prepare_copy_in(
+    cache.dialect().prepare_copy_in(
         &mut sql,
         &CopyInStatement {
             table: table.name,
@@ -492,7 +497,7 @@ impl<M: Model> TableUnit for TableState<M> {
         !self.new.is_empty() || !self.deleted.is_empty() || self.dirty.load(Ordering::Acquire)
     }
 
-    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+    fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if !self.deleted.is_empty() {
                 self.switch_rows()?;
@@ -517,14 +522,14 @@ impl<M: Model> TableUnit for TableState<M> {
                 }
             }
             for (omitted, objects) in groups {
-                self.insert_group(exec, dialect, omitted, objects).await?;
+                self.insert_group(exec, cache, omitted, objects).await?;
             }
             self.new.clear();
             Ok(())
         })
     }
 
-    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+    fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let table = M::TABLE;
             if !self.dirty.swap(false, Ordering::AcqRel) {
@@ -548,7 +553,7 @@ impl<M: Model> TableUnit for TableState<M> {
                         from: Some(unnest(&values, &columns, false)),
                         filter: Some(join_on_primary_key(table)),
                     }
-                    .render(dialect)
+                    .cached(cache)
                 };
                 let updated = exec.execute(&writer.sql, &writer.params).await?;
                 check_count(table, "update", objects.len(), updated)?;
@@ -560,7 +565,7 @@ impl<M: Model> TableUnit for TableState<M> {
         })
     }
 
-    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, dialect: &'a dyn Dialect) -> BoxFuture<'a, Result<()>> {
+    fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if self.deleted.is_empty() {
                 return Ok(());
@@ -576,7 +581,7 @@ impl<M: Model> TableUnit for TableState<M> {
                     using: Some(unnest(&values, table.primary_key, false)),
                     filter: Some(join_on_primary_key(table)),
                 }
-                .render(dialect)
+                .cached(cache)
             };
             let removed = exec.execute(&writer.sql, &writer.params).await?;
             check_count(table, "delete", deleted.len(), removed)?;

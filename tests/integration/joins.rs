@@ -194,7 +194,13 @@ async fn count_first_and_one_work_on_joins() {
         Err(Error::MultipleRowsFound { table }) => assert_eq!(table, "users"),
         other => panic!("expected MultipleRowsFound, got {other:?}"),
     }
-    match session.query::<User>().join::<Post>().filter(User::name.eq("gary")).one().await {
+    match session
+        .query::<User>()
+        .join::<Post>()
+        .filter(User::name.eq("gary"))
+        .one()
+        .await
+    {
         Err(Error::NotFound { table }) => assert_eq!(table, "users"),
         other => panic!("expected NotFound, got {other:?}"),
     }

@@ -318,3 +318,55 @@ async fn a_limit_or_offset_beyond_bigint_is_an_error_naming_it() {
     // Nothing reached the server: the session is still usable.
     assert_eq!(session.query::<User>().limit(i64::MAX as u64).count().await.unwrap(), 4);
 }
+
+#[tokio::test]
+async fn each_shape_of_statement_is_rendered_once_per_engine() {
+    let (db, mut session) = seeded().await;
+    async fn by_name(session: &mut Session, name: &str) -> String {
+        let user = session
+            .query::<User>()
+            .filter(User::name.eq(name))
+            .limit(1)
+            .one()
+            .await
+            .unwrap();
+        let name = user.read().name.clone();
+        name
+    }
+    assert_eq!(by_name(&mut session, "sandy").await, "sandy");
+    let shapes = db.engine.sql_cache().len();
+    // Same shape, other values: the cached text, the new values.
+    assert_eq!(by_name(&mut session, "gary").await, "gary");
+    let mut other = sessionmaker(&db.engine).session();
+    assert_eq!(by_name(&mut other, "patrick").await, "patrick");
+    assert_eq!(db.engine.sql_cache().len(), shapes);
+
+    // A new shape is a new entry; so are flush statements, once each.
+    session
+        .query::<User>()
+        .filter(User::email.is_null())
+        .count()
+        .await
+        .unwrap();
+    assert_eq!(db.engine.sql_cache().len(), shapes + 1);
+    for round in 0..2 {
+        let user = session
+            .query::<User>()
+            .filter(User::name.eq("gary"))
+            .one()
+            .await
+            .unwrap();
+        user.write().email = Some(format!("gary{round}@shell.org"));
+        session.commit().await.unwrap();
+    }
+    let stored = session
+        .raw_query("SELECT email FROM users WHERE name = 'gary'", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored[0].get::<_, Option<String>>(0).as_deref(),
+        Some("gary1@shell.org")
+    );
+    // One UPDATE shape for both rounds; the select has by_name's shape (a bound limit).
+    assert_eq!(db.engine.sql_cache().len(), shapes + 2);
+}

@@ -29,12 +29,29 @@ pub enum Expr {
     CountStar,
 }
 
-/// A bound value wrapped so the AST can derive `Debug`.
-pub struct ParamValue(pub Param);
+/// A bound value. Rendering writes only its placeholder; the value itself
+/// is moved out, in placeholder order, when the statement's binds are
+/// collected (see [`Statement::collect`](super::Statement::collect)).
+pub struct ParamValue(Option<Param>);
+
+impl ParamValue {
+    /// Wraps a value to bind.
+    pub fn new(param: Param) -> Self {
+        ParamValue(Some(param))
+    }
+
+    /// Moves the value out. Each statement's binds are collected once.
+    pub(crate) fn take(&mut self) -> Param {
+        self.0.take().expect("a statement's bound values are collected once")
+    }
+}
 
 impl std::fmt::Debug for ParamValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.0)
+        match &self.0 {
+            Some(param) => write!(f, "{param:?}"),
+            None => f.write_str("<collected>"),
+        }
     }
 }
 

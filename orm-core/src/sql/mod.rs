@@ -6,10 +6,12 @@
 //! [`Dialect::quote_identifier`]; values only ever become placeholders.
 
 pub mod ast;
+mod shape;
 
 use std::fmt::Write;
 
 pub use ast::*;
+pub use shape::{Rendered, Shape, SqlCache};
 
 use crate::types::Param;
 
@@ -20,6 +22,8 @@ pub struct SqlWriter {
     pub sql: String,
     /// The bound values, `$1` first.
     pub params: Vec<Param>,
+    /// Placeholders written so far.
+    placeholders: usize,
 }
 
 impl std::fmt::Debug for SqlWriter {
@@ -37,11 +41,10 @@ pub trait Dialect: Send + Sync {
     /// Writes a quoted identifier, doubling embedded quotes.
     fn quote_identifier(&self, out: &mut String, ident: &str) {
         out.push('"');
-        for c in ident.chars() {
-            if c == '"' {
-                out.push('"');
-            }
-            out.push(c);
+        if ident.contains('"') {
+            out.push_str(&ident.replace('"', "\"\""));
+        } else {
+            out.push_str(ident);
         }
         out.push('"');
     }
@@ -49,11 +52,11 @@ pub trait Dialect: Send + Sync {
     /// Writes the placeholder for the `index`-th (1-based) parameter.
     fn placeholder(&self, out: &mut String, index: usize);
 
-    /// Binds a value and writes its placeholder.
-    fn prepare_param(&self, w: &mut SqlWriter, param: Param) {
-        w.params.push(param);
-        let index = w.params.len();
-        self.placeholder(&mut w.sql, index);
+    /// Writes the next placeholder. The values themselves are collected
+    /// separately, in the same order (see [`Statement::collect`]).
+    fn prepare_param(&self, w: &mut SqlWriter) {
+        w.placeholders += 1;
+        self.placeholder(&mut w.sql, w.placeholders);
     }
 
     /// Writes a comma-separated list of quoted identifiers.
@@ -67,16 +70,16 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders an expression.
-    fn prepare_expr(&self, w: &mut SqlWriter, expr: Expr) {
+    fn prepare_expr(&self, w: &mut SqlWriter, expr: &Expr) {
         match expr {
             Expr::Column(column) => {
                 self.quote_identifier(&mut w.sql, column.table);
                 w.sql.push('.');
                 self.quote_identifier(&mut w.sql, column.column);
             }
-            Expr::Param(value) => self.prepare_param(w, value.0),
+            Expr::Param(_) => self.prepare_param(w),
             Expr::Binary(left, op, right) => {
-                self.prepare_expr(w, *left);
+                self.prepare_expr(w, left);
                 w.sql.push_str(match op {
                     BinaryOp::Eq => " = ",
                     BinaryOp::Ne => " <> ",
@@ -87,27 +90,27 @@ pub trait Dialect: Send + Sync {
                     BinaryOp::Like => " LIKE ",
                     BinaryOp::ILike => " ILIKE ",
                 });
-                self.prepare_expr(w, *right);
+                self.prepare_expr(w, right);
             }
             Expr::And(terms) => self.prepare_junction(w, terms, " AND ", "TRUE"),
             Expr::Or(terms) => self.prepare_junction(w, terms, " OR ", "FALSE"),
             Expr::Not(inner) => {
                 w.sql.push_str("NOT (");
-                self.prepare_expr(w, *inner);
+                self.prepare_expr(w, inner);
                 w.sql.push(')');
             }
             Expr::IsNull(inner) => {
-                self.prepare_expr(w, *inner);
+                self.prepare_expr(w, inner);
                 w.sql.push_str(" IS NULL");
             }
             Expr::IsNotNull(inner) => {
-                self.prepare_expr(w, *inner);
+                self.prepare_expr(w, inner);
                 w.sql.push_str(" IS NOT NULL");
             }
-            Expr::EqualsAny(inner, list) => {
-                self.prepare_expr(w, *inner);
+            Expr::EqualsAny(inner, _) => {
+                self.prepare_expr(w, inner);
                 w.sql.push_str(" = ANY(");
-                self.prepare_param(w, list.0);
+                self.prepare_param(w);
                 w.sql.push(')');
             }
             Expr::CountStar => w.sql.push_str("count(*)"),
@@ -115,7 +118,7 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders ` WHERE condition` when there is one.
-    fn prepare_where(&self, w: &mut SqlWriter, filter: Option<Expr>) {
+    fn prepare_where(&self, w: &mut SqlWriter, filter: Option<&Expr>) {
         if let Some(filter) = filter {
             w.sql.push_str(" WHERE ");
             self.prepare_expr(w, filter);
@@ -123,7 +126,7 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders `(a AND b)` or `(a OR b)`.
-    fn prepare_junction(&self, w: &mut SqlWriter, terms: Vec<Expr>, separator: &str, empty: &str) {
+    fn prepare_junction(&self, w: &mut SqlWriter, terms: &[Expr], separator: &str, empty: &str) {
         if terms.is_empty() {
             w.sql.push_str(empty);
             return;
@@ -132,7 +135,7 @@ pub trait Dialect: Send + Sync {
         if parenthesize {
             w.sql.push('(');
         }
-        for (i, term) in terms.into_iter().enumerate() {
+        for (i, term) in terms.iter().enumerate() {
             if i > 0 {
                 w.sql.push_str(separator);
             }
@@ -144,9 +147,9 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders a `SELECT`.
-    fn prepare_select(&self, w: &mut SqlWriter, stmt: SelectStatement) {
+    fn prepare_select(&self, w: &mut SqlWriter, stmt: &SelectStatement) {
         w.sql.push_str("SELECT ");
-        for (i, expr) in stmt.projection.into_iter().enumerate() {
+        for (i, expr) in stmt.projection.iter().enumerate() {
             if i > 0 {
                 w.sql.push_str(", ");
             }
@@ -154,39 +157,39 @@ pub trait Dialect: Send + Sync {
         }
         w.sql.push_str(" FROM ");
         self.quote_identifier(&mut w.sql, stmt.from);
-        for join in stmt.joins {
+        for join in &stmt.joins {
             w.sql.push_str(match join.kind {
                 JoinKind::Inner => " JOIN ",
                 JoinKind::Left => " LEFT JOIN ",
             });
             self.quote_identifier(&mut w.sql, join.table);
             w.sql.push_str(" ON ");
-            self.prepare_expr(w, join.on);
+            self.prepare_expr(w, &join.on);
         }
-        self.prepare_where(w, stmt.filter);
-        for (i, order) in stmt.order_by.into_iter().enumerate() {
+        self.prepare_where(w, stmt.filter.as_ref());
+        for (i, order) in stmt.order_by.iter().enumerate() {
             w.sql.push_str(if i == 0 { " ORDER BY " } else { ", " });
-            self.prepare_expr(w, order.expr);
+            self.prepare_expr(w, &order.expr);
             w.sql.push_str(if order.descending { " DESC" } else { " ASC" });
         }
-        if let Some(limit) = stmt.limit {
+        if let Some(limit) = &stmt.limit {
             w.sql.push_str(" LIMIT ");
             self.prepare_expr(w, limit);
         }
-        if let Some(offset) = stmt.offset {
+        if let Some(offset) = &stmt.offset {
             w.sql.push_str(" OFFSET ");
             self.prepare_expr(w, offset);
         }
     }
 
     /// Renders `unnest(...) [WITH ORDINALITY] AS alias(columns)`.
-    fn prepare_unnest(&self, w: &mut SqlWriter, source: UnnestSource) {
+    fn prepare_unnest(&self, w: &mut SqlWriter, source: &UnnestSource) {
         w.sql.push_str("unnest(");
-        for (i, (array, array_type)) in source.arrays.into_iter().enumerate() {
+        for (i, (_, array_type)) in source.arrays.iter().enumerate() {
             if i > 0 {
                 w.sql.push_str(", ");
             }
-            self.prepare_param(w, array.0);
+            self.prepare_param(w);
             w.sql.push_str("::");
             w.sql.push_str(array_type);
         }
@@ -206,10 +209,10 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders an `INSERT`.
-    fn prepare_insert(&self, w: &mut SqlWriter, stmt: InsertStatement) {
+    fn prepare_insert(&self, w: &mut SqlWriter, stmt: &InsertStatement) {
         w.sql.push_str("INSERT INTO ");
         self.quote_identifier(&mut w.sql, stmt.table);
-        match stmt.source {
+        match &stmt.source {
             InsertSource::DefaultValues => w.sql.push_str(" DEFAULT VALUES"),
             InsertSource::Unnest(source) => {
                 w.sql.push_str(" (");
@@ -249,11 +252,11 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders an `UPDATE`.
-    fn prepare_update(&self, w: &mut SqlWriter, stmt: UpdateStatement) {
+    fn prepare_update(&self, w: &mut SqlWriter, stmt: &UpdateStatement) {
         w.sql.push_str("UPDATE ");
         self.quote_identifier(&mut w.sql, stmt.table);
         w.sql.push_str(" SET ");
-        for (i, (column, value)) in stmt.assignments.into_iter().enumerate() {
+        for (i, (column, value)) in stmt.assignments.iter().enumerate() {
             if i > 0 {
                 w.sql.push_str(", ");
             }
@@ -261,11 +264,11 @@ pub trait Dialect: Send + Sync {
             w.sql.push_str(" = ");
             self.prepare_expr(w, value);
         }
-        if let Some(from) = stmt.from {
+        if let Some(from) = &stmt.from {
             w.sql.push_str(" FROM ");
             self.prepare_unnest(w, from);
         }
-        self.prepare_where(w, stmt.filter);
+        self.prepare_where(w, stmt.filter.as_ref());
     }
 
     /// Renders a binary `COPY ... FROM STDIN`.
@@ -278,14 +281,14 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Renders a `DELETE`.
-    fn prepare_delete(&self, w: &mut SqlWriter, stmt: DeleteStatement) {
+    fn prepare_delete(&self, w: &mut SqlWriter, stmt: &DeleteStatement) {
         w.sql.push_str("DELETE FROM ");
         self.quote_identifier(&mut w.sql, stmt.table);
-        if let Some(using) = stmt.using {
+        if let Some(using) = &stmt.using {
             w.sql.push_str(" USING ");
             self.prepare_unnest(w, using);
         }
-        self.prepare_where(w, stmt.filter);
+        self.prepare_where(w, stmt.filter.as_ref());
     }
 
     /// Renders a column type.
@@ -424,27 +427,53 @@ impl Dialect for PgDialect {
 
 /// A statement the session can run: it renders into SQL plus binds.
 pub trait Statement {
-    /// Renders with `dialect`.
-    fn render(self, dialect: &dyn Dialect) -> SqlWriter;
+    /// Appends the statement's shape (everything its text depends on) to
+    /// `shape`, and moves its bound values into `params` in placeholder order.
+    fn collect(&mut self, shape: &mut Shape, params: &mut Vec<Param>);
+
+    /// Writes the statement's text, numbering placeholders in the order
+    /// [`collect`](Statement::collect) gathers their values.
+    fn write_sql(&self, dialect: &dyn Dialect, w: &mut SqlWriter);
+
+    /// Renders with `dialect`: the text and the binds.
+    fn render(mut self, dialect: &dyn Dialect) -> SqlWriter
+    where
+        Self: Sized,
+    {
+        let mut w = SqlWriter::default();
+        self.collect(&mut Shape::default(), &mut w.params);
+        self.write_sql(dialect, &mut w);
+        w
+    }
+
+    /// Renders through `cache`: the text is rendered once per shape.
+    fn cached(self, cache: &SqlCache) -> Rendered
+    where
+        Self: Sized,
+    {
+        cache.render(self)
+    }
 }
 
 macro_rules! renderable {
-    ($($stmt:ty => $method:ident),*) => {$(
+    ($($stmt:ty => $method:ident, $collect:ident),*) => {$(
         impl Statement for $stmt {
-            fn render(self, dialect: &dyn Dialect) -> SqlWriter {
-                let mut writer = SqlWriter::default();
-                dialect.$method(&mut writer, self);
-                writer
+            fn collect(&mut self, shape: &mut Shape, params: &mut Vec<Param>) {
+                shape::$collect(self, shape, params);
+            }
+
+            fn write_sql(&self, dialect: &dyn Dialect, w: &mut SqlWriter) {
+                dialect.$method(w, self);
             }
         }
     )*};
 }
 
 renderable!(
-    SelectStatement => prepare_select,
-    InsertStatement => prepare_insert,
-    UpdateStatement => prepare_update,
-    DeleteStatement => prepare_delete
+    SelectStatement => prepare_select, collect_select,
+    InsertStatement => prepare_insert, collect_insert,
+    UpdateStatement => prepare_update, collect_update,
+    DeleteStatement => prepare_delete, collect_delete
 );
 
 #[cfg(test)]
@@ -456,7 +485,7 @@ mod tests {
     }
 
     fn param<T: tokio_postgres::types::ToSql + Send + Sync + 'static>(value: T) -> Expr {
-        Expr::Param(ParamValue(Box::new(value)))
+        Expr::Param(ParamValue::new(Box::new(value)))
     }
 
     #[test]
@@ -533,8 +562,8 @@ mod tests {
             source: InsertSource::Unnest(UnnestSource {
                 alias: "v",
                 arrays: vec![
-                    (ParamValue(Box::new(vec!["a".to_owned()])), "text[]"),
-                    (ParamValue(Box::new(vec![Some("b".to_owned())])), "text[]"),
+                    (ParamValue::new(Box::new(vec!["a".to_owned()])), "text[]"),
+                    (ParamValue::new(Box::new(vec![Some("b".to_owned())])), "text[]"),
                 ],
                 columns: vec!["name", "email"],
                 ordinality: Some("ord"),
@@ -555,8 +584,8 @@ mod tests {
             from: Some(UnnestSource {
                 alias: "v",
                 arrays: vec![
-                    (ParamValue(Box::new(vec![1i64])), "int8[]"),
-                    (ParamValue(Box::new(vec!["x".to_owned()])), "text[]"),
+                    (ParamValue::new(Box::new(vec![1i64])), "int8[]"),
+                    (ParamValue::new(Box::new(vec!["x".to_owned()])), "text[]"),
                 ],
                 columns: vec!["id", "name"],
                 ordinality: None,
@@ -575,7 +604,7 @@ mod tests {
             table: "users",
             using: Some(UnnestSource {
                 alias: "v",
-                arrays: vec![(ParamValue(Box::new(vec![1i64])), "int8[]")],
+                arrays: vec![(ParamValue::new(Box::new(vec![1i64])), "int8[]")],
                 columns: vec!["id"],
                 ordinality: None,
             }),
@@ -589,5 +618,101 @@ mod tests {
             delete.render(&PgDialect).sql,
             r#"DELETE FROM "users" USING unnest($1::int8[]) AS "v"("id") WHERE "users"."id" = "v"."id""#
         );
+    }
+
+    /// A select with values in every place one can go, built fresh each call.
+    fn busy_select(name: &str, low: i64, high: i64, ids: Vec<i64>, limit: i64) -> SelectStatement {
+        let cmp = |left, op, right| Expr::Binary(Box::new(left), op, Box::new(right));
+        SelectStatement {
+            projection: vec![col("users", "id"), col("users", "name")],
+            from: "users",
+            joins: vec![JoinClause {
+                kind: JoinKind::Left,
+                table: "posts",
+                on: cmp(col("posts", "user_id"), BinaryOp::Eq, col("users", "id")),
+            }],
+            filter: Some(Expr::And(vec![
+                cmp(col("users", "name"), BinaryOp::Like, param(name.to_owned())),
+                Expr::Or(vec![
+                    cmp(col("users", "id"), BinaryOp::Lt, param(low)),
+                    Expr::Not(Box::new(cmp(col("users", "id"), BinaryOp::Le, param(high)))),
+                ]),
+                Expr::EqualsAny(Box::new(col("posts", "id")), ParamValue::new(Box::new(ids))),
+            ])),
+            order_by: vec![OrderExpr {
+                expr: col("users", "name"),
+                descending: false,
+            }],
+            limit: Some(param(limit)),
+            offset: None,
+        }
+    }
+
+    fn debug_params(params: &[Param]) -> Vec<String> {
+        params.iter().map(|p| format!("{p:?}")).collect()
+    }
+
+    #[test]
+    fn the_cache_renders_each_shape_once_and_binds_values_in_placeholder_order() {
+        let cache = SqlCache::default();
+        let first = cache.render(busy_select("s%", 1, 9, vec![4, 5], 10));
+        assert_eq!(
+            &*first.sql,
+            r#"SELECT "users"."id", "users"."name" FROM "users" LEFT JOIN "posts" ON "posts"."user_id" = "users"."id" WHERE ("users"."name" LIKE $1 AND ("users"."id" < $2 OR NOT ("users"."id" <= $3)) AND "posts"."id" = ANY($4)) ORDER BY "users"."name" ASC LIMIT $5"#
+        );
+        assert_eq!(debug_params(&first.params), [r#""s%""#, "1", "9", "[4, 5]", "10"]);
+
+        // Other values, same shape: the same text, not rendered again.
+        let second = cache.render(busy_select("p%", 2, 8, vec![6], 20));
+        assert!(std::sync::Arc::ptr_eq(&first.sql, &second.sql));
+        assert_eq!(debug_params(&second.params), [r#""p%""#, "2", "8", "[6]", "20"]);
+        assert_eq!(cache.len(), 1);
+
+        // The uncached path agrees with the cached one.
+        let plain = busy_select("p%", 2, 8, vec![6], 20).render(&PgDialect);
+        assert_eq!(plain.sql, &*second.sql);
+        assert_eq!(debug_params(&plain.params), debug_params(&second.params));
+    }
+
+    #[test]
+    fn statements_that_differ_in_anything_but_values_are_different_shapes() {
+        let cache = SqlCache::default();
+        let mut texts = std::collections::HashSet::new();
+        let variants: Vec<SelectStatement> = vec![
+            busy_select("a", 1, 2, vec![], 3),
+            SelectStatement {
+                offset: Some(param(1i64)),
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+            SelectStatement {
+                order_by: vec![OrderExpr {
+                    expr: col("users", "name"),
+                    descending: true,
+                }],
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+            SelectStatement {
+                joins: Vec::new(),
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+            SelectStatement {
+                projection: vec![col("users", "id")],
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+            SelectStatement {
+                filter: Some(Expr::IsNull(Box::new(col("users", "name")))),
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+            SelectStatement {
+                filter: Some(Expr::IsNotNull(Box::new(col("users", "name")))),
+                ..busy_select("a", 1, 2, vec![], 3)
+            },
+        ];
+        let count = variants.len();
+        for variant in variants {
+            texts.insert(cache.render(variant).sql.to_string());
+        }
+        assert_eq!(texts.len(), count);
+        assert_eq!(cache.len(), count);
     }
 }

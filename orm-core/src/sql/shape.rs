@@ -1,0 +1,299 @@
+//! Statement shapes, and the SQL rendered once per shape.
+//!
+//! Two statements that differ only in their bound values render to the same
+//! text. A statement's [`Shape`] records everything else the text depends
+//! on, so [`SqlCache`] renders each shape once and afterwards only moves the
+//! values out. Names in the AST are `&'static str`, so a shape records each
+//! by address and length: the same address and length is the same text, and
+//! the same name stored at two addresses only costs a second cache entry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use super::ast::*;
+use super::{Dialect, PgDialect, SqlWriter, Statement};
+use crate::types::Param;
+
+/// Everything a statement's text depends on, as a list of words.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Hash)]
+pub struct Shape(Vec<u64>);
+
+impl Shape {
+    fn tag(&mut self, tag: u64) {
+        self.0.push(tag);
+    }
+
+    fn count(&mut self, count: usize) {
+        self.0.push(count as u64);
+    }
+
+    fn name(&mut self, name: &'static str) {
+        self.0.push(name.as_ptr() as u64);
+        self.0.push(name.len() as u64);
+    }
+
+    fn names(&mut self, names: &[&'static str]) {
+        self.count(names.len());
+        for name in names {
+            self.name(name);
+        }
+    }
+
+    fn optional_name(&mut self, name: Option<&'static str>) {
+        match name {
+            Some(name) => {
+                self.tag(1);
+                self.name(name);
+            }
+            None => self.tag(0),
+        }
+    }
+}
+
+// Every walk below visits bound values in the order the dialect writes their
+// placeholders (see `Dialect::prepare_*`), and destructures each node whole,
+// so a field added to the AST fails to compile here until it is shaped.
+
+fn collect_expr(expr: &mut Expr, shape: &mut Shape, params: &mut Vec<Param>) {
+    match expr {
+        Expr::Column(ColumnRef { table, column }) => {
+            shape.tag(1);
+            shape.name(table);
+            shape.name(column);
+        }
+        Expr::Param(value) => {
+            shape.tag(2);
+            params.push(value.take());
+        }
+        Expr::Binary(left, op, right) => {
+            shape.tag(3);
+            shape.tag(*op as u64);
+            collect_expr(left, shape, params);
+            collect_expr(right, shape, params);
+        }
+        Expr::And(terms) => {
+            shape.tag(4);
+            collect_exprs(terms, shape, params);
+        }
+        Expr::Or(terms) => {
+            shape.tag(5);
+            collect_exprs(terms, shape, params);
+        }
+        Expr::Not(inner) => {
+            shape.tag(6);
+            collect_expr(inner, shape, params);
+        }
+        Expr::IsNull(inner) => {
+            shape.tag(7);
+            collect_expr(inner, shape, params);
+        }
+        Expr::IsNotNull(inner) => {
+            shape.tag(8);
+            collect_expr(inner, shape, params);
+        }
+        Expr::EqualsAny(inner, list) => {
+            shape.tag(9);
+            collect_expr(inner, shape, params);
+            params.push(list.take());
+        }
+        Expr::CountStar => shape.tag(10),
+    }
+}
+
+fn collect_exprs(exprs: &mut [Expr], shape: &mut Shape, params: &mut Vec<Param>) {
+    shape.count(exprs.len());
+    for expr in exprs {
+        collect_expr(expr, shape, params);
+    }
+}
+
+fn collect_optional(expr: &mut Option<Expr>, shape: &mut Shape, params: &mut Vec<Param>) {
+    match expr {
+        Some(expr) => {
+            shape.tag(1);
+            collect_expr(expr, shape, params);
+        }
+        None => shape.tag(0),
+    }
+}
+
+fn collect_unnest(source: &mut Option<&mut UnnestSource>, shape: &mut Shape, params: &mut Vec<Param>) {
+    let Some(UnnestSource {
+        alias,
+        arrays,
+        columns,
+        ordinality,
+    }) = source
+    else {
+        shape.tag(0);
+        return;
+    };
+    shape.tag(1);
+    shape.name(alias);
+    shape.count(arrays.len());
+    for (array, array_type) in arrays.iter_mut() {
+        shape.name(array_type);
+        params.push(array.take());
+    }
+    shape.names(columns);
+    shape.optional_name(*ordinality);
+}
+
+pub(super) fn collect_select(stmt: &mut SelectStatement, shape: &mut Shape, params: &mut Vec<Param>) {
+    let SelectStatement {
+        projection,
+        from,
+        joins,
+        filter,
+        order_by,
+        limit,
+        offset,
+    } = stmt;
+    shape.tag(100);
+    collect_exprs(projection, shape, params);
+    shape.name(from);
+    shape.count(joins.len());
+    for JoinClause { kind, table, on } in joins {
+        shape.tag(*kind as u64);
+        shape.name(table);
+        collect_expr(on, shape, params);
+    }
+    collect_optional(filter, shape, params);
+    shape.count(order_by.len());
+    for OrderExpr { expr, descending } in order_by {
+        shape.tag(u64::from(*descending));
+        collect_expr(expr, shape, params);
+    }
+    collect_optional(limit, shape, params);
+    collect_optional(offset, shape, params);
+}
+
+pub(super) fn collect_insert(stmt: &mut InsertStatement, shape: &mut Shape, params: &mut Vec<Param>) {
+    let InsertStatement {
+        table,
+        columns,
+        source,
+        returning,
+    } = stmt;
+    shape.tag(200);
+    shape.name(table);
+    shape.names(columns);
+    match source {
+        InsertSource::DefaultValues => shape.tag(0),
+        InsertSource::Unnest(source) => {
+            shape.tag(1);
+            collect_unnest(&mut Some(source), shape, params);
+        }
+    }
+    shape.names(returning);
+}
+
+pub(super) fn collect_update(stmt: &mut UpdateStatement, shape: &mut Shape, params: &mut Vec<Param>) {
+    let UpdateStatement {
+        table,
+        assignments,
+        from,
+        filter,
+    } = stmt;
+    shape.tag(300);
+    shape.name(table);
+    shape.count(assignments.len());
+    for (column, value) in assignments {
+        shape.name(column);
+        collect_expr(value, shape, params);
+    }
+    collect_unnest(&mut from.as_mut(), shape, params);
+    collect_optional(filter, shape, params);
+}
+
+pub(super) fn collect_delete(stmt: &mut DeleteStatement, shape: &mut Shape, params: &mut Vec<Param>) {
+    let DeleteStatement { table, using, filter } = stmt;
+    shape.tag(400);
+    shape.name(table);
+    collect_unnest(&mut using.as_mut(), shape, params);
+    collect_optional(filter, shape, params);
+}
+
+/// A statement's text, shared with the cache, and its bound values.
+pub struct Rendered {
+    /// The text.
+    pub sql: Arc<str>,
+    /// The bound values, `$1` first.
+    pub params: Vec<Param>,
+}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rendered")
+            .field("sql", &self.sql)
+            .field("params", &self.params.len())
+            .finish()
+    }
+}
+
+/// Beyond this many shapes, new ones are rendered every time instead of
+/// cached: statements built in a loop (an `AND` of n terms) must not grow
+/// the cache without bound.
+const CAPACITY: usize = 4096;
+
+/// SQL text by statement shape, shared by an engine's sessions, so each
+/// shape of statement is rendered once.
+pub struct SqlCache {
+    dialect: PgDialect,
+    rendered: RwLock<HashMap<Shape, Arc<str>, foldhash::fast::RandomState>>,
+}
+
+impl std::fmt::Debug for SqlCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlCache").field("shapes", &self.len()).finish()
+    }
+}
+
+impl Default for SqlCache {
+    fn default() -> Self {
+        SqlCache {
+            dialect: PgDialect,
+            rendered: RwLock::new(HashMap::default()),
+        }
+    }
+}
+
+impl SqlCache {
+    /// The statement's text, rendered now only if its shape is new, and its
+    /// bound values.
+    pub fn render(&self, mut statement: impl Statement) -> Rendered {
+        // Room for a typical statement's shape without regrowing.
+        let mut shape = Shape(Vec::with_capacity(64));
+        let mut params = Vec::new();
+        statement.collect(&mut shape, &mut params);
+        if let Some(sql) = self.rendered.read().unwrap_or_else(PoisonError::into_inner).get(&shape) {
+            return Rendered {
+                sql: Arc::clone(sql),
+                params,
+            };
+        }
+        let mut writer = SqlWriter::default();
+        statement.write_sql(&self.dialect, &mut writer);
+        let sql: Arc<str> = writer.sql.into();
+        let mut rendered = self.rendered.write().unwrap_or_else(PoisonError::into_inner);
+        if rendered.len() < CAPACITY {
+            rendered.insert(shape, Arc::clone(&sql));
+        }
+        Rendered { sql, params }
+    }
+
+    /// How many shapes are cached.
+    pub fn len(&self) -> usize {
+        self.rendered.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dialect the cache renders with.
+    pub fn dialect(&self) -> &dyn Dialect {
+        &self.dialect
+    }
+}
