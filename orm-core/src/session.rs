@@ -14,7 +14,8 @@ use crate::metadata::parents_first;
 use crate::model::Model;
 use crate::model::TableDef;
 use crate::query::{Query, Selection, SessionUnits};
-use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, SelectStatement};
+use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, Rendered, SelectStatement};
+use crate::types::Param;
 use crate::tracked::{ObjectStatus, Tracked};
 use crate::unit::{TableState, TableUnit};
 
@@ -458,25 +459,17 @@ impl Session {
             // Marked for deletion: gone as far as this session is concerned.
             return Ok(None);
         }
+        // A get's statement depends only on the model: its text is cached
+        // under the model's table, and only the key's values are bound.
         let table = M::TABLE;
-        let filter = Expr::And(
-            table
-                .primary_key
-                .iter()
-                .zip(M::primary_key_params(&key))
-                .map(|(&c, param)| {
-                    Expr::Binary(
-                        Box::new(Expr::Column(ColumnRef {
-                            table: table.name,
-                            column: table.columns[c].name,
-                        })),
-                        BinaryOp::Eq,
-                        Box::new(Expr::Param(ParamValue::new(param))),
-                    )
-                })
-                .collect(),
-        );
-        let found = self.load::<M>(select_all::<M>(Some(filter))).await?;
+        let sql = self
+            .engine
+            .sql_cache()
+            .render_fixed(&[GET_BY_KEY, std::ptr::from_ref(table) as u64], || {
+                select_all::<M>(Some(primary_key_filter(table, M::primary_key_params(&key))))
+            });
+        let params = M::primary_key_params(&key);
+        let found = self.load_rendered::<M>(Rendered { sql, params }).await?;
         Ok(found.into_iter().next())
     }
 
@@ -545,8 +538,12 @@ impl Session {
     /// Runs a select of the selection's columns and merges each row's objects
     /// into the identity maps.
     pub(crate) async fn load<S: Selection>(&mut self, statement: SelectStatement) -> Result<Vec<S::Output>> {
+        let rendered = self.engine.sql_cache().render(statement);
+        self.load_rendered::<S>(rendered).await
+    }
+
+    async fn load_rendered<S: Selection>(&mut self, writer: Rendered) -> Result<Vec<S::Output>> {
         self.prepare_read().await?;
-        let writer = self.engine.sql_cache().render(statement);
         let Session {
             conn,
             units,
@@ -620,6 +617,30 @@ pub(crate) fn unit_of<M: Model>(units: &mut HashMap<TypeId, Box<dyn TableUnit>>)
         .as_any_mut()
         .downcast_mut::<TableState<M>>()
         .expect("units are keyed by their model's TypeId")
+}
+
+/// The first word of the cache key of a get by primary key.
+const GET_BY_KEY: u64 = 1000;
+
+/// `key column = $1 AND ...`, for the key's values in key column order.
+fn primary_key_filter(table: &'static TableDef, values: Vec<Param>) -> Expr {
+    Expr::And(
+        table
+            .primary_key
+            .iter()
+            .zip(values)
+            .map(|(&c, param)| {
+                Expr::Binary(
+                    Box::new(Expr::Column(ColumnRef {
+                        table: table.name,
+                        column: table.columns[c].name,
+                    })),
+                    BinaryOp::Eq,
+                    Box::new(Expr::Param(ParamValue::new(param))),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// `SELECT <every column of M> FROM <M's table> [WHERE filter]`.

@@ -18,6 +18,13 @@ use crate::types::Param;
 #[derive(Debug, Default, Clone, PartialEq, Eq, Hash)]
 pub struct Shape(Vec<u64>);
 
+// Lets the cache be probed with a borrowed key; `Vec` and slices hash alike.
+impl std::borrow::Borrow<[u64]> for Shape {
+    fn borrow(&self) -> &[u64] {
+        &self.0
+    }
+}
+
 impl Shape {
     fn tag(&mut self, tag: u64) {
         self.0.push(tag);
@@ -266,12 +273,39 @@ impl SqlCache {
         let mut shape = Shape(Vec::with_capacity(64));
         let mut params = Vec::new();
         statement.collect(&mut shape, &mut params);
-        if let Some(sql) = self.rendered.read().unwrap_or_else(PoisonError::into_inner).get(&shape) {
-            return Rendered {
-                sql: Arc::clone(sql),
-                params,
-            };
+        if let Some(sql) = self.lookup(&shape.0) {
+            return Rendered { sql, params };
         }
+        let sql = self.write(shape, &statement);
+        Rendered { sql, params }
+    }
+
+    /// The text of a statement whose shape the caller names by `key`,
+    /// without building the statement unless the text is not cached yet.
+    /// For statements whose shape is fixed by a model (a get by primary
+    /// key), so the hot path skips the AST altogether. Keys start with a
+    /// word no statement's shape starts with (>= 1000), so the two kinds of
+    /// key cannot meet.
+    pub(crate) fn render_fixed<S: Statement>(&self, key: &[u64], build: impl FnOnce() -> S) -> Arc<str> {
+        debug_assert!(key.first().is_some_and(|&word| word >= 1000));
+        if let Some(sql) = self.lookup(key) {
+            return sql;
+        }
+        let mut statement = build();
+        // Its values are bound by the caller; collecting only empties them.
+        statement.collect(&mut Shape::default(), &mut Vec::new());
+        self.write(Shape(key.to_vec()), &statement)
+    }
+
+    fn lookup(&self, key: &[u64]) -> Option<Arc<str>> {
+        self.rendered
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .map(Arc::clone)
+    }
+
+    fn write(&self, shape: Shape, statement: &impl Statement) -> Arc<str> {
         let mut writer = SqlWriter::default();
         statement.write_sql(&self.dialect, &mut writer);
         let sql: Arc<str> = writer.sql.into();
@@ -279,7 +313,7 @@ impl SqlCache {
         if rendered.len() < CAPACITY {
             rendered.insert(shape, Arc::clone(&sql));
         }
-        Rendered { sql, params }
+        sql
     }
 
     /// How many shapes are cached.
