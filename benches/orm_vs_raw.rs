@@ -434,6 +434,9 @@ impl Bench {
                     let _id: i64 = row.get(0);
                 }
                 raw.batch_execute("COMMIT").await.unwrap();
+                // Freeing the objects is part of the work, as it is for the
+                // ORM's session.
+                drop(users);
             })
             .await
         })
@@ -469,6 +472,7 @@ impl Bench {
                     let ids = raw.query(&sql, &params).await.unwrap();
                     assert_eq!(ids.len(), chunk.len());
                 }
+                drop(users);
             })
             .await
         })
@@ -500,6 +504,7 @@ impl Bench {
                         .unwrap();
                 }
                 writer.finish().await.unwrap();
+                drop(users);
             })
             .await
         })
@@ -557,6 +562,7 @@ impl Bench {
                             .unwrap();
                     }
                     writer.finish().await.unwrap();
+                    drop(users);
                 })
                 .await
             },

@@ -15,8 +15,8 @@ use crate::model::Model;
 use crate::model::TableDef;
 use crate::query::{Query, Selection, SessionUnits};
 use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, Rendered, SelectStatement};
-use crate::types::Param;
 use crate::tracked::{ObjectStatus, Tracked};
+use crate::types::Param;
 use crate::unit::{TableState, TableUnit};
 
 /// The flags of a session, as SQLAlchemy's `sessionmaker` keywords.

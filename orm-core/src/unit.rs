@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BufMut;
-use tokio_postgres::types::{IsNull, Type};
+use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::Row;
 
 use crate::engine::Executor;
 use crate::error::{Error, Result};
 use crate::model::{Model, TableDef};
 use crate::sql::{
-    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue, SqlCache,
-    Statement, UnnestSource, UpdateStatement,
+    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
+    ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
 use crate::tracked::{ObjectStatus, Tracked};
 
@@ -239,11 +239,21 @@ impl<M: Model> TableState<M> {
             return self.mark_inserted(objects, &versions);
         }
 
-        if omitted.is_empty() && objects.len() >= COPY_THRESHOLD {
-            if let Some(types) = binary_copy_types(table) {
-                let copied = copy_in(exec, cache, &objects, &types).await?;
-                check_count(table, "insert", objects.len(), copied)?;
-                return self.mark_inserted(objects, &versions);
+        if objects.len() >= COPY_THRESHOLD {
+            let only_identity_omitted = identity.is_some_and(|c| omitted == [c]);
+            if omitted.is_empty() || only_identity_omitted {
+                if let Some(types) = binary_copy_types(table) {
+                    return self
+                        .copy_group(
+                            exec,
+                            cache,
+                            identity.filter(|_| only_identity_omitted),
+                            objects,
+                            &types,
+                            &versions,
+                        )
+                        .await;
+                }
             }
         }
 
@@ -360,7 +370,66 @@ impl<M: Model> TableState<M> {
         Ok(())
     }
 
+    /// Inserts a large group by binary COPY. When the identity column is to
+    /// be generated, its values are reserved from the column's sequence
+    /// first and sent with the rows: two statements, each far cheaper per
+    /// row than `INSERT ... SELECT ... RETURNING`. The objects receive their
+    /// keys only once every row is in.
+    async fn copy_group(
+        &mut self,
+        exec: &Executor<'_>,
+        cache: &SqlCache,
+        generated: Option<usize>,
+        objects: Vec<Tracked<M>>,
+        types: &[Type],
+        versions: &[u64],
+    ) -> Result<()> {
+        let table = M::TABLE;
+        let reserved = match generated {
+            Some(column) => {
+                let mut quoted = String::new();
+                cache.dialect().quote_identifier(&mut quoted, table.name);
+                let reserve = ReserveKeysStatement {
+                    table: ParamValue::new(Box::new(quoted)),
+                    column: ParamValue::new(Box::new(table.columns[column].name.to_owned())),
+                    count: ParamValue::new(Box::new(objects.len() as i64)),
+                    key_type: table.columns[column].sql_type,
+                }
+                .cached(cache);
+                let rows = exec.query(&reserve.sql, &reserve.params).await?;
+                check_count(table, "reserve keys for", objects.len(), rows.len() as u64)?;
+                // Ascending, so objects get keys in the order they were added.
+                let mut keyed: Vec<(i64, Row)> = rows
+                    .into_iter()
+                    .map(|row| (integer_at(&row, 0).unwrap_or(i64::MAX), row))
+                    .collect();
+                keyed.sort_by_key(|(key, _)| *key);
+                Some((column, keyed))
+            }
+            None => None,
+        };
+        let keys: Option<(usize, Vec<i64>)> = reserved
+            .as_ref()
+            .map(|(column, keyed)| (*column, keyed.iter().map(|(key, _)| *key).collect()));
+        let copied = copy_in(
+            exec,
+            cache,
+            &objects,
+            types,
+            keys.as_ref().map(|(c, k)| (*c, k.as_slice())),
+        )
+        .await?;
+        check_count(table, "insert", objects.len(), copied)?;
+        if let Some((column, keyed)) = &reserved {
+            for (object, (_, row)) in objects.iter().zip(keyed) {
+                object.data_mut()?.value.set_from_row(row, &[*column])?;
+            }
+        }
+        self.mark_inserted(objects, versions)
+    }
+
     fn mark_inserted(&mut self, objects: Vec<Tracked<M>>, versions: &[u64]) -> Result<()> {
+        self.identity.reserve(objects.len());
         for (object, &version) in objects.into_iter().zip(versions) {
             self.settle(&object, version)?;
             let key = object.data()?.value.primary_key();
@@ -411,11 +480,15 @@ fn binary_copy_types(table: &'static TableDef) -> Option<Vec<Type>> {
 
 /// Streams `objects` into their table with binary COPY and returns how many
 /// rows went in. See PostgreSQL's "COPY: binary format" for the layout.
+///
+/// With `keys`, the column at that position takes the i-th key for the i-th
+/// object instead of the object's own value.
 async fn copy_in<M: Model>(
     exec: &Executor<'_>,
     cache: &SqlCache,
     objects: &[Tracked<M>],
     types: &[Type],
+    keys: Option<(usize, &[i64])>,
 ) -> Result<u64> {
     let table = M::TABLE;
     let mut sql = String::new();
@@ -436,22 +509,25 @@ async fn copy_in<M: Model>(
             buffer.put_i32(0); // header extension length
         }
         let end = (next + COPY_CHUNK).min(objects.len());
-        for object in &objects[next..end] {
+        for (index, object) in objects.iter().enumerate().take(end).skip(next) {
             let data = object.data()?;
             buffer.put_i16(field_count);
             for (column, column_type) in types.iter().enumerate() {
                 let length_at = buffer.len();
                 buffer.put_i32(0);
-                let written = data
-                    .value
-                    .column_value(column)
-                    .to_sql_checked(column_type, buffer)
-                    .map_err(|e| {
-                        Error::InvalidState(format!(
-                            "the value of {}.{} cannot be encoded as {column_type}: {e}",
-                            table.name, table.columns[column].name
-                        ))
-                    })?;
+                let key = keys
+                    .filter(|(key_column, _)| *key_column == column)
+                    .map(|(_, keys)| keys[index]);
+                let written = match key {
+                    Some(key) => encode_key(key, column_type, buffer),
+                    None => data.value.column_value(column).to_sql_checked(column_type, buffer),
+                }
+                .map_err(|e| {
+                    Error::InvalidState(format!(
+                        "the value of {}.{} cannot be encoded as {column_type}: {e}",
+                        table.name, table.columns[column].name
+                    ))
+                })?;
                 let length = match written {
                     IsNull::Yes => -1,
                     IsNull::No => i32::try_from(buffer.len() - length_at - 4).map_err(|_| {
@@ -473,6 +549,23 @@ async fn copy_in<M: Model>(
         }
     })
     .await
+}
+
+/// A reserved key in the identity column's own width. The sequence of an
+/// identity column never exceeds its column's type, so narrowing cannot fail
+/// for values it handed out.
+fn encode_key(
+    key: i64,
+    column_type: &Type,
+    buffer: &mut bytes::BytesMut,
+) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    if *column_type == Type::INT2 {
+        i16::try_from(key)?.to_sql_checked(column_type, buffer)
+    } else if *column_type == Type::INT4 {
+        i32::try_from(key)?.to_sql_checked(column_type, buffer)
+    } else {
+        key.to_sql_checked(column_type, buffer)
+    }
 }
 
 fn check_count(table: &'static TableDef, operation: &'static str, expected: usize, actual: u64) -> Result<()> {

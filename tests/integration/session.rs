@@ -916,3 +916,78 @@ async fn large_batches_with_every_column_set_go_in_by_binary_copy() {
         0
     );
 }
+
+#[tokio::test]
+async fn large_batches_with_identity_keys_reserve_their_keys_then_copy() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+    let author_id = author.read().id;
+
+    let posts = session.add_all((0..1_500).map(|i| Post {
+        id: 0,
+        user_id: author_id,
+        title: format!("post {i}"),
+        score: f64::from(i),
+    }));
+    let echo = EchoCapture::start();
+    session.flush().await.unwrap();
+    let statements = echo.take();
+    assert!(
+        statements.iter().any(|s| s.starts_with("SELECT nextval(")),
+        "{statements:?}"
+    );
+    assert!(
+        statements
+            .iter()
+            .any(|s| s == r#"COPY "posts" ("id", "user_id", "title", "score") FROM STDIN (FORMAT binary)"#),
+        "{statements:?}"
+    );
+    assert!(!statements.iter().any(|s| s.starts_with("INSERT")), "{statements:?}");
+
+    // Every object holds the key of its own row, ascending in the order added.
+    let ids: Vec<i32> = posts.iter().map(|p| p.read().id).collect();
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "keys ascend in add order");
+    session.commit().await.unwrap();
+    for i in [0usize, 1, 749, 1_499] {
+        let id = i64::from(ids[i]);
+        assert_eq!(
+            db.strings(&format!("SELECT title FROM posts WHERE id = {id}")).await,
+            [format!("post {i}")]
+        );
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM posts").await, 1_500);
+
+    // The sequence moved past the reserved keys: a later insert by the
+    // database's own default does not collide.
+    let after = session.add(Post {
+        id: 0,
+        user_id: author_id,
+        title: "after".to_owned(),
+        score: 0.0,
+    });
+    session.commit().await.unwrap();
+    assert!(after.read().id > ids[1_499]);
+
+    // A failed COPY leaves no row and no key on the objects.
+    let mut session = sessionmaker(&db.engine).session();
+    let orphans = session.add_all((0..1_200).map(|i| Post {
+        id: 0,
+        user_id: if i == 1_100 { author_id + 1_000 } else { author_id },
+        title: format!("orphan {i}"),
+        score: 0.0,
+    }));
+    match session.commit().await.unwrap_err() {
+        Error::ForeignKeyViolation { constraint, .. } => {
+            assert_eq!(constraint.as_deref(), Some("posts_user_id_fkey"))
+        }
+        other => panic!("expected a foreign key violation, got {other:?}"),
+    }
+    session.rollback().await.unwrap();
+    assert!(orphans.iter().all(|p| p.read().id == 0));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM posts WHERE title LIKE 'orphan%'").await,
+        0
+    );
+}

@@ -280,6 +280,21 @@ pub trait Dialect: Send + Sync {
         out.push_str(") FROM STDIN (FORMAT binary)");
     }
 
+    /// Renders the reservation of identity values: PostgreSQL's form, which
+    /// reads the column's sequence once and calls `nextval` once per value.
+    fn prepare_reserve_keys(&self, w: &mut SqlWriter, stmt: &ReserveKeysStatement) {
+        w.sql.push_str("SELECT nextval(\"s\".\"seq\")::");
+        w.sql.push_str(stmt.key_type);
+        w.sql.push_str(" FROM (SELECT pg_get_serial_sequence(");
+        self.prepare_param(w);
+        w.sql.push_str(", ");
+        self.prepare_param(w);
+        w.sql
+            .push_str(")::regclass AS \"seq\") AS \"s\" CROSS JOIN generate_series(1, ");
+        self.prepare_param(w);
+        w.sql.push_str("::bigint)");
+    }
+
     /// Renders a `DELETE`.
     fn prepare_delete(&self, w: &mut SqlWriter, stmt: &DeleteStatement) {
         w.sql.push_str("DELETE FROM ");
@@ -473,7 +488,8 @@ renderable!(
     SelectStatement => prepare_select, collect_select,
     InsertStatement => prepare_insert, collect_insert,
     UpdateStatement => prepare_update, collect_update,
-    DeleteStatement => prepare_delete, collect_delete
+    DeleteStatement => prepare_delete, collect_delete,
+    ReserveKeysStatement => prepare_reserve_keys, collect_reserve_keys
 );
 
 #[cfg(test)]

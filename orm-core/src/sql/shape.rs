@@ -221,6 +221,20 @@ pub(super) fn collect_delete(stmt: &mut DeleteStatement, shape: &mut Shape, para
     collect_optional(filter, shape, params);
 }
 
+pub(super) fn collect_reserve_keys(stmt: &mut ReserveKeysStatement, shape: &mut Shape, params: &mut Vec<Param>) {
+    let ReserveKeysStatement {
+        table,
+        column,
+        count,
+        key_type,
+    } = stmt;
+    shape.tag(500);
+    shape.name(key_type);
+    params.push(table.take());
+    params.push(column.take());
+    params.push(count.take());
+}
+
 /// A statement's text, shared with the cache, and its bound values.
 pub struct Rendered {
     /// The text.
