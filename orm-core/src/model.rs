@@ -141,6 +141,11 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// Whether the two objects differ in one column.
     fn column_differs(&self, other: &Self, column: usize) -> bool;
 
+    /// Stores a key taken from the identity column's sequence into that
+    /// column's field. False when `column` is not an identity column or the
+    /// key does not fit its type.
+    fn assign_key(&mut self, column: usize, key: i64) -> bool;
+
     /// Whether the column is left for the database to fill on insert: an
     /// identity column holding zero, or a column with a server default whose
     /// `Option` field holds `None`.

@@ -85,6 +85,10 @@ pub trait IdentityColumnType: PrimaryKeyColumnType {
     /// True when the field holds the "not assigned yet" value, zero: the
     /// database then assigns the key on insert.
     fn is_unassigned(&self) -> bool;
+
+    /// A key taken from the column's sequence, in this type; `None` if it
+    /// does not fit (which a sequence of this column never hands out).
+    fn from_key(key: i64) -> Option<Self>;
 }
 
 /// Text types, the only ones that accept `length = n`.
@@ -147,6 +151,10 @@ macro_rules! identity_types {
         impl IdentityColumnType for $rust {
             fn is_unassigned(&self) -> bool {
                 *self == 0
+            }
+
+            fn from_key(key: i64) -> Option<Self> {
+                <$rust>::try_from(key).ok()
             }
         }
     )*};

@@ -393,36 +393,31 @@ impl<M: Model> TableState<M> {
                     table: ParamValue::new(Box::new(quoted)),
                     column: ParamValue::new(Box::new(table.columns[column].name.to_owned())),
                     count: ParamValue::new(Box::new(objects.len() as i64)),
-                    key_type: table.columns[column].sql_type,
                 }
                 .cached(cache);
                 let rows = exec.query(&reserve.sql, &reserve.params).await?;
-                check_count(table, "reserve keys for", objects.len(), rows.len() as u64)?;
+                let mut keys: Vec<i64> = rows
+                    .first()
+                    .and_then(|row| row.try_get::<_, Option<Vec<i64>>>(0).ok().flatten())
+                    .unwrap_or_default();
+                check_count(table, "reserve keys for", objects.len(), keys.len() as u64)?;
                 // Ascending, so objects get keys in the order they were added.
-                let mut keyed: Vec<(i64, Row)> = rows
-                    .into_iter()
-                    .map(|row| (integer_at(&row, 0).unwrap_or(i64::MAX), row))
-                    .collect();
-                keyed.sort_by_key(|(key, _)| *key);
-                Some((column, keyed))
+                keys.sort_unstable();
+                Some((column, keys))
             }
             None => None,
         };
-        let keys: Option<(usize, Vec<i64>)> = reserved
-            .as_ref()
-            .map(|(column, keyed)| (*column, keyed.iter().map(|(key, _)| *key).collect()));
-        let copied = copy_in(
-            exec,
-            cache,
-            &objects,
-            types,
-            keys.as_ref().map(|(c, k)| (*c, k.as_slice())),
-        )
-        .await?;
+        let keys = reserved.as_ref().map(|(column, keys)| (*column, keys.as_slice()));
+        let copied = copy_in(exec, cache, &objects, types, keys).await?;
         check_count(table, "insert", objects.len(), copied)?;
-        if let Some((column, keyed)) = &reserved {
-            for (object, (_, row)) in objects.iter().zip(keyed) {
-                object.data_mut()?.value.set_from_row(row, &[*column])?;
+        if let Some((column, keys)) = keys {
+            for (object, &key) in objects.iter().zip(keys) {
+                if !object.data_mut()?.value.assign_key(column, key) {
+                    return Err(Error::InvalidState(format!(
+                        "key {key} from the sequence of {}.{} does not fit the field",
+                        table.name, table.columns[column].name
+                    )));
+                }
             }
         }
         self.mark_inserted(objects, versions)

@@ -214,6 +214,24 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             None
         }
     });
+    let assign_key_arms = model
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.identity)
+        .map(|(position, column)| {
+            let field = column.ident;
+            let ty = column.ty;
+            quote! {
+                #position => match <#ty as #krate::__private::IdentityColumnType>::from_key(key) {
+                    ::core::option::Option::Some(value) => {
+                        self.#field = value;
+                        true
+                    }
+                    ::core::option::Option::None => false,
+                },
+            }
+        });
     let row = format_ident!("row");
 
     quote! {
@@ -277,6 +295,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             fn column_differs(&self, other: &Self, column: usize) -> bool {
                 match column {
                     #(#differs_arms)*
+                    _ => false,
+                }
+            }
+
+            fn assign_key(&mut self, column: usize, key: i64) -> bool {
+                match column {
+                    #(#assign_key_arms)*
                     _ => false,
                 }
             }

@@ -193,9 +193,10 @@ pub struct CopyInStatement {
     pub columns: Vec<&'static str>,
 }
 
-/// Takes `count` values from the sequence behind an identity column, so
-/// that rows can be sent with their keys (by binary COPY) and the keys still
-/// be known. Values taken are never handed out again, used or not.
+/// Takes `count` values from the sequence behind an identity column, as one
+/// `bigint[]`, so that rows can be sent with their keys (by binary COPY) and
+/// the keys still be known. Values taken are never handed out again, used
+/// or not.
 #[derive(Debug)]
 pub struct ReserveKeysStatement {
     /// The table, as the text of its (quoted) identifier: a bound value.
@@ -204,8 +205,6 @@ pub struct ReserveKeysStatement {
     pub column: ParamValue,
     /// How many values, as a bound `bigint`.
     pub count: ParamValue,
-    /// The column's SQL type, which each value is cast to.
-    pub key_type: &'static str,
 }
 
 /// `DELETE FROM table [USING unnest(...)] [WHERE ...]`.

@@ -222,14 +222,8 @@ pub(super) fn collect_delete(stmt: &mut DeleteStatement, shape: &mut Shape, para
 }
 
 pub(super) fn collect_reserve_keys(stmt: &mut ReserveKeysStatement, shape: &mut Shape, params: &mut Vec<Param>) {
-    let ReserveKeysStatement {
-        table,
-        column,
-        count,
-        key_type,
-    } = stmt;
+    let ReserveKeysStatement { table, column, count } = stmt;
     shape.tag(500);
-    shape.name(key_type);
     params.push(table.take());
     params.push(column.take());
     params.push(count.take());
