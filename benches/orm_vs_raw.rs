@@ -297,8 +297,12 @@ impl Bench {
             },
         )
         .await;
-        self.report
-            .add(&format!("select all, {rows} rows"), orm, raw, "raw: query_raw, decoded as rows arrive");
+        self.report.add(
+            &format!("select all, {rows} rows"),
+            orm,
+            raw,
+            "raw: query_raw, decoded as rows arrive",
+        );
     }
 
     async fn get_by_primary_key(&mut self, lookups: i64) {

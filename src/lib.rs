@@ -46,6 +46,7 @@
 //! | `sessionmaker(autocommit=, autoflush=, bind=)` | [`sessionmaker`], [`SessionMaker`] |
 //! | `session.add / delete / flush / commit / rollback / get` | [`Session`] |
 //! | `session.query(User).filter(User.name == "x")` | [`Session::query`], [`Query`] |
+//! | `session.query(User, Post).join(Post)`, `.outerjoin(Post)` | [`Query::join`], [`Query::left_join`] |
 //!
 //! The user guide (`docs/` in the repository) explains each part at length.
 //!
