@@ -203,8 +203,9 @@ impl<A: Model, B: Model> Selection for (A, Option<B>) {
     fn merge((a, b): &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
         let left = a.0.merge_loaded(A::from_row_at(row, 0)?);
         let offset = A::TABLE.columns.len();
-        // A primary key is never NULL, so a NULL key means the join found no row.
-        let key = offset + B::TABLE.primary_key[0];
+        // A primary key is never NULL, so a NULL key means the join found no
+        // row. Every derived model has a key; `joined` refuses others.
+        let key = offset + B::TABLE.primary_key.first().copied().unwrap_or(0);
         let matched = matches!(row.try_get::<_, Option<AnyValue>>(key), Ok(Some(_)));
         let right = if matched {
             Some(b.0.merge_loaded(B::from_row_at(row, offset)?))
@@ -337,11 +338,15 @@ impl<'s, M: Model> Query<'s, M> {
         table: &'static TableDef,
         on: std::result::Result<Expr, String>,
     ) -> Query<'s, S> {
-        if M::TABLE.same_as(table) {
+        if M::TABLE.name == table.name {
             self.invalid = Some(format!(
-                "cannot join {} to itself: joins of a table with itself need aliases, which are not supported yet",
-                M::TABLE.model
+                "cannot join {} to table \"{}\", its own: joins of a table with itself need aliases, \
+                 which are not supported yet",
+                M::TABLE.model,
+                table.name
             ));
+        } else if table.primary_key.is_empty() {
+            self.invalid = Some(format!("cannot join {}: it has no primary key", table.model));
         }
         match on {
             Ok(on) => self.joins.push(JoinClause {

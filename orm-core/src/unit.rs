@@ -240,19 +240,18 @@ impl<M: Model> TableState<M> {
         }
 
         if objects.len() >= COPY_THRESHOLD {
-            let only_identity_omitted = identity.is_some_and(|c| omitted == [c]);
-            if omitted.is_empty() || only_identity_omitted {
-                if let Some(types) = binary_copy_types(table) {
-                    return self
-                        .copy_group(
-                            exec,
-                            cache,
-                            identity.filter(|_| only_identity_omitted),
-                            objects,
-                            &types,
-                            &versions,
-                        )
-                        .await;
+            if let Some(types) = binary_copy_types(table) {
+                if omitted.is_empty() {
+                    return self.copy_group(exec, cache, None, objects, &types, &versions).await;
+                }
+                if let Some(column) = identity.filter(|&c| omitted == [c]) {
+                    if let Some(keys) = reserve_keys(exec, cache, table, column, objects.len()).await? {
+                        return self
+                            .copy_group(exec, cache, Some((column, keys)), objects, &types, &versions)
+                            .await;
+                    }
+                    // No sequence this role may take values from: the
+                    // INSERT below has the database assign the keys.
                 }
             }
         }
@@ -370,49 +369,27 @@ impl<M: Model> TableState<M> {
         Ok(())
     }
 
-    /// Inserts a large group by binary COPY. When the identity column is to
-    /// be generated, its values are reserved from the column's sequence
-    /// first and sent with the rows: two statements, each far cheaper per
-    /// row than `INSERT ... SELECT ... RETURNING`. The objects receive their
-    /// keys only once every row is in.
+    /// Inserts a large group by binary COPY; with `keys`, the column at that
+    /// position takes the reserved keys, ascending in the objects' order.
+    /// The objects receive their keys only once every row is in, and all at
+    /// once: none if any is still borrowed elsewhere.
     async fn copy_group(
         &mut self,
         exec: &Executor<'_>,
         cache: &SqlCache,
-        generated: Option<usize>,
+        keys: Option<(usize, Vec<i64>)>,
         objects: Vec<Tracked<M>>,
         types: &[Type],
         versions: &[u64],
     ) -> Result<()> {
         let table = M::TABLE;
-        let reserved = match generated {
-            Some(column) => {
-                let mut quoted = String::new();
-                cache.dialect().quote_identifier(&mut quoted, table.name);
-                let reserve = ReserveKeysStatement {
-                    table: ParamValue::new(Box::new(quoted)),
-                    column: ParamValue::new(Box::new(table.columns[column].name.to_owned())),
-                    count: ParamValue::new(Box::new(objects.len() as i64)),
-                }
-                .cached(cache);
-                let rows = exec.query(&reserve.sql, &reserve.params).await?;
-                let mut keys: Vec<i64> = rows
-                    .first()
-                    .and_then(|row| row.try_get::<_, Option<Vec<i64>>>(0).ok().flatten())
-                    .unwrap_or_default();
-                check_count(table, "reserve keys for", objects.len(), keys.len() as u64)?;
-                // Ascending, so objects get keys in the order they were added.
-                keys.sort_unstable();
-                Some((column, keys))
-            }
-            None => None,
-        };
-        let keys = reserved.as_ref().map(|(column, keys)| (*column, keys.as_slice()));
+        let keys = keys.as_ref().map(|(column, keys)| (*column, keys.as_slice()));
         let copied = copy_in(exec, cache, &objects, types, keys).await?;
         check_count(table, "insert", objects.len(), copied)?;
         if let Some((column, keys)) = keys {
-            for (object, &key) in objects.iter().zip(keys) {
-                if !object.data_mut()?.value.assign_key(column, key) {
+            let mut states = objects.iter().map(Tracked::data_mut).collect::<Result<Vec<_>>>()?;
+            for (state, &key) in states.iter_mut().zip(keys) {
+                if !state.value.assign_key(column, key) {
                     return Err(Error::InvalidState(format!(
                         "key {key} from the sequence of {}.{} does not fit the field",
                         table.name, table.columns[column].name
@@ -444,8 +421,9 @@ impl<M: Model> TableState<M> {
 }
 
 /// From this many new objects on, a group whose every column the objects
-/// supply goes in by binary COPY: two round trips instead of one, but each row
-/// costs far less on the server than through `INSERT ... SELECT`.
+/// supply, or that leaves only the identity key to the database, goes in by
+/// binary COPY (after reserving the keys, for the latter): more round trips
+/// than one `INSERT ... SELECT`, but each row costs far less on the server.
 const COPY_THRESHOLD: usize = 1_000;
 
 /// Rows encoded between two sends of a binary COPY.
@@ -544,6 +522,41 @@ async fn copy_in<M: Model>(
         }
     })
     .await
+}
+
+/// Takes `count` keys from the sequence behind `table`'s identity column,
+/// ascending. `None` when there is no sequence this role may take values
+/// from (`nextval` needs USAGE or UPDATE on it, where an `INSERT` needs
+/// neither): the caller then lets `INSERT` assign the keys.
+async fn reserve_keys(
+    exec: &Executor<'_>,
+    cache: &SqlCache,
+    table: &'static TableDef,
+    column: usize,
+    count: usize,
+) -> Result<Option<Vec<i64>>> {
+    let mut quoted = String::new();
+    cache.dialect().quote_identifier(&mut quoted, table.name);
+    let reserve = ReserveKeysStatement {
+        table: ParamValue::new(Box::new(quoted)),
+        column: ParamValue::new(Box::new(table.columns[column].name.to_owned())),
+        count: ParamValue::new(Box::new(count as i64)),
+    }
+    .cached(cache);
+    let rows = exec.query(&reserve.sql, &reserve.params).await?;
+    let keys: Option<Vec<i64>> = match rows.first() {
+        Some(row) => row.try_get(0).map_err(|source| Error::TypeMismatch {
+            table: table.name.to_owned(),
+            column: table.columns[column].name.to_owned(),
+            source,
+        })?,
+        None => None,
+    };
+    let Some(mut keys) = keys else { return Ok(None) };
+    check_count(table, "reserve keys for", count, keys.len() as u64)?;
+    // Ascending, so objects get keys in the order they were added.
+    keys.sort_unstable();
+    Ok(Some(keys))
 }
 
 /// A reserved key in the identity column's own width. The sequence of an

@@ -991,3 +991,46 @@ async fn large_batches_with_identity_keys_reserve_their_keys_then_copy() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_role_that_may_not_take_sequence_values_still_inserts_large_batches() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+    let author_id = author.read().id;
+
+    // A role allowed to insert into posts but given nothing on its sequence.
+    let role = format!("writer_{}", std::process::id());
+    let database: String = db.strings("SELECT current_database()").await.remove(0);
+    let role = format!("{role}_{}", &database[database.len().saturating_sub(12)..]);
+    db.execute(&format!(
+        "CREATE ROLE \"{role}\"; GRANT SELECT, INSERT ON posts TO \"{role}\"; GRANT SELECT ON users TO \"{role}\""
+    ))
+    .await;
+    let url = format!("{}?options=-c%20role%3D{role}", db.url());
+    let limited = Engine::builder(url).pool_size(1).echo(true).build().unwrap();
+    let mut session = sessionmaker(&limited).session();
+    let echo = EchoCapture::start();
+    let posts = session.add_all((0..1_100).map(|i| Post {
+        id: 0,
+        user_id: author_id,
+        title: format!("post {i}"),
+        score: 0.0,
+    }));
+    session.commit().await.unwrap();
+    let statements = echo.take();
+    // The reservation found no sequence it may use, and INSERT assigned the keys.
+    assert!(
+        statements.iter().any(|s| s.contains("array_agg(nextval(")),
+        "{statements:?}"
+    );
+    assert!(statements.iter().any(|s| s.starts_with("INSERT")), "{statements:?}");
+    assert!(!statements.iter().any(|s| s.starts_with("COPY")), "{statements:?}");
+    assert!(posts.iter().all(|p| p.read().id > 0));
+    assert_eq!(db.scalar("SELECT count(*) FROM posts").await, 1_100);
+    drop(session);
+    drop(limited);
+    db.execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
+        .await;
+}

@@ -1,5 +1,6 @@
 //! Statements as plain data. Nothing here knows how SQL is spelled; a
-//! [`Dialect`](super::Dialect) renders these nodes into text plus binds.
+//! [`Dialect`](super::Dialect) writes these nodes as text, and the bound
+//! values are moved out of them separately (see [`super::Statement`]).
 
 use crate::types::Param;
 

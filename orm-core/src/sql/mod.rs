@@ -1,9 +1,12 @@
 //! The SQL AST and the dialect that renders it.
 //!
-//! Statements are plain data ([`ast`]); a [`Dialect`] walks them once and
-//! produces the SQL text and the bind list together, so the two cannot drift
-//! apart. Identifiers are quoted in exactly one place,
-//! [`Dialect::quote_identifier`]; values only ever become placeholders.
+//! Statements are plain data ([`ast`]). Two walks turn one into SQL: one
+//! collects its bound values and its shape ([`Statement::collect`]), the
+//! other, by a [`Dialect`], writes the text with numbered placeholders. They
+//! visit values in the same order, which the tests pin down; because the
+//! text depends only on the shape, [`SqlCache`] writes it once per shape.
+//! Identifiers are quoted in exactly one place, [`Dialect::quote_identifier`];
+//! values only ever become placeholders.
 
 pub mod ast;
 mod shape;
@@ -20,7 +23,7 @@ use crate::types::Param;
 pub struct SqlWriter {
     /// The statement's text.
     pub sql: String,
-    /// The bound values, `$1` first.
+    /// The bound values, `$1` first, when rendered by [`Statement::render`].
     pub params: Vec<Param>,
     /// Placeholders written so far.
     placeholders: usize,
@@ -37,6 +40,9 @@ impl std::fmt::Debug for SqlWriter {
 
 /// Renders AST nodes into SQL. Each `prepare_*` method has a default written
 /// in standard SQL; a dialect overrides only what it spells differently.
+///
+/// An override must write placeholders in the order the default does: the
+/// bound values are collected separately, in that order.
 pub trait Dialect: Send + Sync {
     /// Writes a quoted identifier, doubling embedded quotes.
     fn quote_identifier(&self, out: &mut String, ident: &str) {
@@ -284,14 +290,20 @@ pub trait Dialect: Send + Sync {
     /// reads the column's sequence once and calls `nextval` once per value.
     fn prepare_reserve_keys(&self, w: &mut SqlWriter, _stmt: &ReserveKeysStatement) {
         // MATERIALIZED keeps the planner from inlining the lookup of the
-        // sequence into every row, which made it several times slower.
+        // sequence into every row, which made it several times slower. A
+        // sequence the role may not take values from yields no row, and so
+        // a NULL array.
         w.sql
-            .push_str("WITH \"s\" AS MATERIALIZED (SELECT pg_get_serial_sequence(");
+            .push_str("WITH \"s\" AS MATERIALIZED (SELECT \"q\".\"seq\" FROM (SELECT pg_get_serial_sequence(");
         self.prepare_param(w);
         w.sql.push_str(", ");
         self.prepare_param(w);
+        w.sql.push_str(
+            ")::regclass AS \"seq\") AS \"q\" WHERE has_sequence_privilege(\"q\".\"seq\", 'USAGE, UPDATE')) ",
+        );
         // One array rather than a row per key: far less to decode.
-        w.sql.push_str(")::regclass AS \"seq\") SELECT array_agg(nextval(\"s\".\"seq\")) FROM \"s\" CROSS JOIN generate_series(1, ");
+        w.sql
+            .push_str("SELECT array_agg(nextval(\"s\".\"seq\")) FROM \"s\" CROSS JOIN generate_series(1, ");
         self.prepare_param(w);
         w.sql.push_str("::bigint)");
     }
@@ -445,10 +457,14 @@ impl Dialect for PgDialect {
 pub trait Statement {
     /// Appends the statement's shape (everything its text depends on) to
     /// `shape`, and moves its bound values into `params` in placeholder order.
+    /// Called once per statement, by [`render`](Statement::render) or
+    /// [`SqlCache::render`]: the values are gone afterwards.
+    #[doc(hidden)]
     fn collect(&mut self, shape: &mut Shape, params: &mut Vec<Param>);
 
     /// Writes the statement's text, numbering placeholders in the order
     /// [`collect`](Statement::collect) gathers their values.
+    #[doc(hidden)]
     fn write_sql(&self, dialect: &dyn Dialect, w: &mut SqlWriter);
 
     /// Renders with `dialect`: the text and the binds.
