@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
-//! `join`, `insert`, `insert_keyed`, `update`.
+//! `join` (both join workloads), `insert`, `insert_keyed`, `update`.
 //!
 //! The raw side uses statements prepared once, on the same pooled connection
 //! the ORM's sessions use (a pool of one), so that both talk to the same
@@ -404,6 +404,76 @@ impl Bench {
         );
     }
 
+    /// Users with their posts, by one LEFT JOIN (SQLAlchemy's joined eager
+    /// loading), grouped into each user's list of posts. Expects the data
+    /// `medium_query` leaves: 1,000 users with 10 posts each.
+    async fn users_with_posts(&mut self, users: i64) {
+        let statement = self
+            .prepare(
+                "SELECT u.id, u.name, u.email, u.age, p.id, p.user_id, p.title, p.score \
+                 FROM users u LEFT JOIN posts p ON p.user_id = u.id \
+                 WHERE u.id <= $1 ORDER BY u.id ASC, p.id ASC",
+            )
+            .await;
+        let (sessions, engine) = (&self.readers, &self.engine);
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    let rows = session
+                        .query::<User>()
+                        .left_join::<Post>()
+                        .filter(User::id.le(users))
+                        .order_by(User::id)
+                        .order_by(Post::id)
+                        .all()
+                        .await
+                        .unwrap();
+                    let mut loaded: Vec<(Tracked<User>, Vec<Tracked<Post>>)> = Vec::new();
+                    for (user, post) in rows {
+                        match loaded.last_mut() {
+                            Some((last, posts)) if last.ptr_eq(&user) => posts.extend(post),
+                            _ => loaded.push((user, post.into_iter().collect())),
+                        }
+                    }
+                    assert_eq!(loaded.len(), users as usize);
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
+                timed(async {
+                    let stream = raw.query_raw(&statement, [users]).await.unwrap();
+                    let mut stream = pin!(stream);
+                    let mut loaded: Vec<(User, Vec<Post>)> = Vec::new();
+                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                        let user_id: i64 = row.get(0);
+                        if loaded.last().is_none_or(|(user, _)| user.id != user_id) {
+                            loaded.push((user_from_row(&row), Vec::new()));
+                        }
+                        if row.get::<_, Option<i64>>(4).is_some() {
+                            let (_, posts) = loaded.last_mut().expect("pushed above");
+                            posts.push(post_from_row_at(&row, 4));
+                        }
+                    }
+                    assert_eq!(loaded.len(), users as usize);
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("{users} users with their posts (LEFT JOIN)"),
+            orm,
+            raw,
+            "10 posts each; grouped per user",
+        );
+    }
+
     async fn insert(&mut self, rows: usize) {
         let single = self
             .prepare("INSERT INTO new_users (name, email, age) VALUES ($1, $2, $3) RETURNING id")
@@ -768,6 +838,7 @@ async fn main() {
     }
     if wants(&bench, "join") {
         bench.medium_query().await;
+        bench.users_with_posts(scale(100, 10) as i64).await;
     }
     if wants(&bench, "insert") {
         for rows in [1, 100, scale(10_000, 1_000)] {
