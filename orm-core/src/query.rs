@@ -2,7 +2,6 @@
 //! loader.
 
 use std::any::TypeId;
-use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use tokio_postgres::types::{FromSql, Type};
@@ -11,11 +10,11 @@ use tokio_postgres::Row;
 use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
 use crate::model::{Model, TableDef};
-use crate::session::{unit_of, Session};
+use crate::session::{unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::Tracked;
 use crate::types::ColumnType;
-use crate::unit::{TableState, TableUnit};
+use crate::unit::TableState;
 
 /// A query bound to a session. `S` is what each row yields: a model `M`
 /// (from `session.query::<M>()`), or a pair after a join: `(A, B)` from
@@ -64,7 +63,7 @@ pub trait Selection: 'static {
 
 /// The session's units of work, lent to a [`Selection`] while it loads.
 #[doc(hidden)]
-pub struct SessionUnits<'u>(pub(crate) &'u mut HashMap<TypeId, Box<dyn TableUnit>>);
+pub struct SessionUnits<'u>(pub(crate) &'u mut Units);
 
 impl std::fmt::Debug for SessionUnits<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

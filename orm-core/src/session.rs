@@ -125,7 +125,7 @@ pub struct Session {
     /// running), so the session refuses everything but `rollback`, which
     /// closes the connection rather than trust it.
     busy: bool,
-    units: HashMap<TypeId, Box<dyn TableUnit>>,
+    units: Units,
 }
 
 impl fmt::Debug for Session {
@@ -155,7 +155,7 @@ impl Session {
             begin_pending: AtomicBool::new(false),
             failed: None,
             busy: false,
-            units: HashMap::new(),
+            units: Units::default(),
         }
     }
 
@@ -184,7 +184,16 @@ impl Session {
 
     /// Stages several new objects, keeping their order.
     pub fn add_all<M: Model>(&mut self, objects: impl IntoIterator<Item = M>) -> Vec<Tracked<M>> {
-        objects.into_iter().map(|o| self.add(o)).collect()
+        let objects = objects.into_iter();
+        let unit = self.unit::<M>();
+        unit.new.reserve(objects.size_hint().0);
+        objects
+            .map(|object| {
+                let tracked = Tracked::new(object, ObjectStatus::Pending, None);
+                unit.new.push(tracked.clone());
+                tracked
+            })
+            .collect()
     }
 
     /// Marks an object for deletion at the next flush. A pending object is
@@ -610,7 +619,11 @@ impl Session {
     }
 }
 
-pub(crate) fn unit_of<M: Model>(units: &mut HashMap<TypeId, Box<dyn TableUnit>>) -> &mut TableState<M> {
+/// Each model's unit of work, by the model's type. A `TypeId` is a hash
+/// already, so the fast hasher is enough.
+pub(crate) type Units = HashMap<TypeId, Box<dyn TableUnit>, foldhash::fast::RandomState>;
+
+pub(crate) fn unit_of<M: Model>(units: &mut Units) -> &mut TableState<M> {
     units
         .entry(TypeId::of::<M>())
         .or_insert_with(|| Box::new(TableState::<M>::default()))

@@ -20,7 +20,7 @@ use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::tracked::{ObjectStatus, Tracked};
+use crate::tracked::{Data, ObjectStatus, Tracked};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -357,7 +357,12 @@ impl<M: Model> TableState<M> {
     /// task holding a handle): then which values the database got is unknown,
     /// and the object is left for the next flush to send in full.
     fn settle(&self, object: &Tracked<M>, version_sent: u64) -> Result<()> {
-        let mut data = object.data_mut()?;
+        self.settle_locked(object, &mut *object.data_mut()?, version_sent);
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle), for a caller that holds the value already.
+    fn settle_locked(&self, object: &Tracked<M>, data: &mut Data<M>, version_sent: u64) {
         if object.version() == version_sent {
             data.loaded = None;
             data.resend_all = false;
@@ -366,7 +371,6 @@ impl<M: Model> TableState<M> {
             data.resend_all = true;
             self.dirty.store(true, Ordering::Release);
         }
-        Ok(())
     }
 
     /// Inserts a large group by binary COPY; with `keys`, the column at that
@@ -403,8 +407,11 @@ impl<M: Model> TableState<M> {
     fn mark_inserted(&mut self, objects: Vec<Tracked<M>>, versions: &[u64]) -> Result<()> {
         self.identity.reserve(objects.len());
         for (object, &version) in objects.into_iter().zip(versions) {
-            self.settle(&object, version)?;
-            let key = object.data()?.value.primary_key();
+            let key = {
+                let mut data = object.data_mut()?;
+                self.settle_locked(&object, &mut data, version);
+                data.value.primary_key()
+            };
             {
                 let mut meta = object.meta();
                 meta.status = ObjectStatus::Persistent;
