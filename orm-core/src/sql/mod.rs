@@ -748,4 +748,28 @@ mod tests {
         assert_eq!(texts.len(), count);
         assert_eq!(cache.len(), count);
     }
+
+    #[test]
+    fn beyond_its_capacity_the_cache_still_renders_but_stops_growing() {
+        let cache = SqlCache::with_capacity(8);
+        // Shapes built in a loop: an AND of n terms is a new shape for each n.
+        let and_of = |n: usize| SelectStatement {
+            projection: vec![col("users", "id")],
+            from: "users",
+            filter: Some(Expr::And(
+                (0..n)
+                    .map(|i| Expr::Binary(Box::new(col("users", "id")), BinaryOp::Ne, Box::new(param(i as i64))))
+                    .collect(),
+            )),
+            ..SelectStatement::default()
+        };
+        for n in 1..=18 {
+            let rendered = cache.render(and_of(n));
+            assert_eq!(rendered.params.len(), n);
+            assert!(rendered.sql.ends_with(&format!("<> ${n})")) || n == 1, "{n}");
+        }
+        assert_eq!(cache.len(), 8);
+        assert_eq!(cache.render(and_of(18)).params.len(), 18);
+        assert_eq!(cache.render(and_of(3)).params.len(), 3);
+    }
 }

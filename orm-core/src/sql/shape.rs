@@ -255,6 +255,7 @@ const CAPACITY: usize = 4096;
 /// shape of statement is rendered once.
 pub struct SqlCache {
     dialect: PgDialect,
+    capacity: usize,
     rendered: RwLock<HashMap<Shape, Arc<str>, foldhash::fast::RandomState>>,
 }
 
@@ -268,12 +269,22 @@ impl Default for SqlCache {
     fn default() -> Self {
         SqlCache {
             dialect: PgDialect,
+            capacity: CAPACITY,
             rendered: RwLock::new(HashMap::default()),
         }
     }
 }
 
 impl SqlCache {
+    /// A cache that keeps at most `capacity` shapes.
+    #[cfg(test)]
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        SqlCache {
+            capacity,
+            ..SqlCache::default()
+        }
+    }
+
     /// The statement's text, rendered now only if its shape is new, and its
     /// bound values.
     pub fn render(&self, mut statement: impl Statement) -> Rendered {
@@ -318,7 +329,7 @@ impl SqlCache {
         statement.write_sql(&self.dialect, &mut writer);
         let sql: Arc<str> = writer.sql.into();
         let mut rendered = self.rendered.write().unwrap_or_else(PoisonError::into_inner);
-        if rendered.len() < CAPACITY {
+        if rendered.len() < self.capacity {
             rendered.insert(shape, Arc::clone(&sql));
         }
         sql
