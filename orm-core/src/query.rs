@@ -1,7 +1,6 @@
 //! `session.query::<M>()`: joins, filters, order, limit and offset, then a
 //! loader.
 
-use std::any::TypeId;
 use std::marker::PhantomData;
 
 use tokio_postgres::types::{FromSql, Type};
@@ -40,25 +39,49 @@ pub struct Query<'s, S> {
     _selection: PhantomData<fn() -> S>,
 }
 
-/// What one row of a query yields. Implemented for every model, for
-/// `(A, B)` (an inner join) and for `(A, Option<B>)` (a left join).
+/// What one row of a query yields: a model `M`, or after joins a nested
+/// pair `(S, B)` (inner join) or `(S, Option<B>)` (left join), where `S` is
+/// what the query selected before the join.
 pub trait Selection: 'static {
-    /// The loaded value: `Tracked<M>`, or a pair of them.
+    /// The loaded value: `Tracked<M>`, or nested pairs of them.
     type Output: Send;
     #[doc(hidden)]
     type Merger<'u>: Send;
     /// The table the query selects `FROM`.
     #[doc(hidden)]
     fn root() -> &'static TableDef;
+    /// The tables selected, in order.
+    #[doc(hidden)]
+    fn tables(out: &mut Vec<&'static TableDef>);
+    /// How many columns each row carries.
+    #[doc(hidden)]
+    fn width() -> usize;
     /// The selected columns: every column of each model, in order.
     #[doc(hidden)]
-    fn projection() -> Vec<Expr>;
+    fn projection() -> Vec<Expr> {
+        let mut tables = Vec::new();
+        Self::tables(&mut tables);
+        let mut out = Vec::with_capacity(Self::width());
+        for table in tables {
+            out.extend(table.columns.iter().map(|c| {
+                Expr::Column(ColumnRef {
+                    table: table.name,
+                    column: c.name,
+                })
+            }));
+        }
+        out
+    }
     /// Borrows the identity maps that rows are merged into, once per query.
     #[doc(hidden)]
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_>;
     /// Decodes one row and merges it into the identity maps.
     #[doc(hidden)]
     fn merge(merger: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output>;
+    /// Decodes this selection's columns from `offset` on and merges them,
+    /// finding each model's identity map in `units`.
+    #[doc(hidden)]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
 }
 
 /// The session's units of work, lent to a [`Selection`] while it loads.
@@ -84,27 +107,21 @@ impl<M: Model> std::fmt::Debug for IdentityMap<'_, M> {
     }
 }
 
-fn columns_of(table: &'static TableDef, out: &mut Vec<Expr>) {
-    out.extend(table.columns.iter().map(|c| {
-        Expr::Column(ColumnRef {
-            table: table.name,
-            column: c.name,
-        })
-    }));
-}
-
 impl<M: Model> Selection for M {
     type Output = Tracked<M>;
+    // One model: its identity map is found once per query, not per row.
     type Merger<'u> = IdentityMap<'u, M>;
 
     fn root() -> &'static TableDef {
         M::TABLE
     }
 
-    fn projection() -> Vec<Expr> {
-        let mut out = Vec::with_capacity(M::TABLE.columns.len());
-        columns_of(M::TABLE, &mut out);
-        out
+    fn tables(out: &mut Vec<&'static TableDef>) {
+        out.push(M::TABLE);
+    }
+
+    fn width() -> usize {
+        M::TABLE.columns.len()
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
@@ -115,56 +132,44 @@ impl<M: Model> Selection for M {
     fn merge(merger: &mut Self::Merger<'_>, row: &Row) -> Result<Tracked<M>> {
         Ok(merger.0.merge_loaded(M::from_row(row)?))
     }
-}
 
-/// Both models' identity maps at once; a join of a model with itself is
-/// refused before any row is read, so the two are always distinct.
-fn two_units<A: Model, B: Model>(units: SessionUnits<'_>) -> (IdentityMap<'_, A>, IdentityMap<'_, B>) {
-    unit_of::<A>(units.0);
-    unit_of::<B>(units.0);
-    let (mut a, mut b) = (None, None);
-    // Mutable borrows of two entries at once, from one pass over the few
-    // models a session holds.
-    for (id, unit) in units.0.iter_mut() {
-        if *id == TypeId::of::<A>() {
-            a = unit.as_any_mut().downcast_mut::<TableState<A>>();
-        } else if *id == TypeId::of::<B>() {
-            b = unit.as_any_mut().downcast_mut::<TableState<B>>();
-        }
+    #[inline]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<M>> {
+        Ok(unit_of::<M>(units.0).merge_loaded(M::from_row_at(row, offset)?))
     }
-    (
-        IdentityMap(a.expect("unit created above")),
-        IdentityMap(b.expect("unit created above")),
-    )
 }
 
-fn pair_projection<A: Model, B: Model>() -> Vec<Expr> {
-    let mut out = Vec::with_capacity(A::TABLE.columns.len() + B::TABLE.columns.len());
-    columns_of(A::TABLE, &mut out);
-    columns_of(B::TABLE, &mut out);
-    out
-}
-
-impl<A: Model, B: Model> Selection for (A, B) {
-    type Output = (Tracked<A>, Tracked<B>);
-    type Merger<'u> = (IdentityMap<'u, A>, IdentityMap<'u, B>);
+impl<S: Selection, B: Model> Selection for (S, B) {
+    type Output = (S::Output, Tracked<B>);
+    // Several models: each row finds each model's map, one probe apiece.
+    type Merger<'u> = SessionUnits<'u>;
 
     fn root() -> &'static TableDef {
-        A::TABLE
+        S::root()
     }
 
-    fn projection() -> Vec<Expr> {
-        pair_projection::<A, B>()
+    fn tables(out: &mut Vec<&'static TableDef>) {
+        S::tables(out);
+        out.push(B::TABLE);
+    }
+
+    fn width() -> usize {
+        S::width() + B::TABLE.columns.len()
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        two_units::<A, B>(units)
+        units
     }
 
     #[inline]
-    fn merge((a, b): &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
-        let left = a.0.merge_loaded(A::from_row_at(row, 0)?);
-        let right = b.0.merge_loaded(B::from_row_at(row, A::TABLE.columns.len())?);
+    fn merge(units: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
+        Self::merge_at(units, row, 0)
+    }
+
+    #[inline]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output> {
+        let left = S::merge_at(units, row, offset)?;
+        let right = B::merge_at(units, row, offset + S::width())?;
         Ok((left, right))
     }
 }
@@ -182,32 +187,42 @@ impl<'a> FromSql<'a> for AnyValue {
     }
 }
 
-impl<A: Model, B: Model> Selection for (A, Option<B>) {
-    type Output = (Tracked<A>, Option<Tracked<B>>);
-    type Merger<'u> = (IdentityMap<'u, A>, IdentityMap<'u, B>);
+impl<S: Selection, B: Model> Selection for (S, Option<B>) {
+    type Output = (S::Output, Option<Tracked<B>>);
+    type Merger<'u> = SessionUnits<'u>;
 
     fn root() -> &'static TableDef {
-        A::TABLE
+        S::root()
     }
 
-    fn projection() -> Vec<Expr> {
-        pair_projection::<A, B>()
+    fn tables(out: &mut Vec<&'static TableDef>) {
+        S::tables(out);
+        out.push(B::TABLE);
+    }
+
+    fn width() -> usize {
+        S::width() + B::TABLE.columns.len()
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        two_units::<A, B>(units)
+        units
     }
 
     #[inline]
-    fn merge((a, b): &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
-        let left = a.0.merge_loaded(A::from_row_at(row, 0)?);
-        let offset = A::TABLE.columns.len();
+    fn merge(units: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
+        Self::merge_at(units, row, 0)
+    }
+
+    #[inline]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output> {
+        let left = S::merge_at(units, row, offset)?;
+        let offset = offset + S::width();
         // A primary key is never NULL, so a NULL key means the join found no
         // row. Every derived model has a key; `joined` refuses others.
         let key = offset + B::TABLE.primary_key.first().copied().unwrap_or(0);
         let matched = matches!(row.try_get::<_, Option<AnyValue>>(key), Ok(Some(_)));
         let right = if matched {
-            Some(b.0.merge_loaded(B::from_row_at(row, offset)?))
+            Some(B::merge_at(units, row, offset)?)
         } else {
             None
         };
@@ -215,12 +230,13 @@ impl<A: Model, B: Model> Selection for (A, Option<B>) {
     }
 }
 
-/// Which model of a selection a condition or order is on; the marker types
-/// `Only`, `Left` and `Right` let one model's column be found in a pair.
+/// Which model of a selection a condition or order is on. The position
+/// markers (`Only`, `Right`, `InLeft<P>`) let the compiler find a model in
+/// nested pairs; they are inferred, never written.
 #[diagnostic::on_unimplemented(
     message = "this query does not select `{N}`",
-    label = "a condition or order on `{N}`, in a query of `{Self}`",
-    note = "filter and order a query by columns of the models it selects; join `{N}` first to use its columns"
+    label = "a condition, order or join column on `{N}`, in a query of `{Self}`",
+    note = "use columns of the models the query selects; join `{N}` first to use its columns"
 )]
 pub trait Contains<N, Position> {}
 
@@ -228,20 +244,20 @@ pub trait Contains<N, Position> {}
 #[doc(hidden)]
 #[derive(Debug)]
 pub enum Only {}
-/// Position marker: the first model of a join.
-#[doc(hidden)]
-#[derive(Debug)]
-pub enum Left {}
-/// Position marker: the joined model.
+/// Position marker: the model joined last.
 #[doc(hidden)]
 #[derive(Debug)]
 pub enum Right {}
+/// Position marker: somewhere in what was selected before the last join.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct InLeft<P>(PhantomData<P>);
 
 impl<M: Model> Contains<M, Only> for M {}
-impl<A: Model, B: Model> Contains<A, Left> for (A, B) {}
-impl<A: Model, B: Model> Contains<B, Right> for (A, B) {}
-impl<A: Model, B: Model> Contains<A, Left> for (A, Option<B>) {}
-impl<A: Model, B: Model> Contains<B, Right> for (A, Option<B>) {}
+impl<S, B: Model, N, P> Contains<N, InLeft<P>> for (S, B) where S: Contains<N, P> {}
+impl<S, B: Model> Contains<B, Right> for (S, B) {}
+impl<S, B: Model, N, P> Contains<N, InLeft<P>> for (S, Option<B>) where S: Contains<N, P> {}
+impl<S, B: Model> Contains<B, Right> for (S, Option<B>) {}
 
 /// Something `order_by` takes: a column (ascending) or an [`Order`].
 pub trait IntoOrder {
@@ -289,30 +305,42 @@ fn equals(left: Expr, right: Expr) -> Expr {
     Expr::Binary(Box::new(left), BinaryOp::Eq, Box::new(right))
 }
 
-/// The `ON` condition of a join between two tables, read from the one
-/// foreign key that links them (in either direction).
-fn foreign_key_condition(left: &'static TableDef, right: &'static TableDef) -> std::result::Result<Expr, String> {
+/// The `ON` condition of a join of `joined` to a query selecting `selected`,
+/// read from the one foreign key that links `joined` with one of them (in
+/// either direction).
+fn foreign_key_condition(
+    selected: &[&'static TableDef],
+    joined: &'static TableDef,
+) -> std::result::Result<Expr, String> {
     let mut links = Vec::new();
-    for (from, to) in [(right, left), (left, right)] {
-        for (position, column) in from.columns.iter().enumerate() {
-            let Some(fk) = &column.foreign_key else { continue };
-            if (fk.target)().same_as(to) {
-                let Some(target) = to.columns.iter().position(|c| c.name == fk.column) else {
-                    continue;
-                };
-                links.push(equals(column_expr(from, position), column_expr(to, target)));
+    for &table in selected {
+        for (from, to) in [(joined, table), (table, joined)] {
+            for (position, column) in from.columns.iter().enumerate() {
+                let Some(fk) = &column.foreign_key else { continue };
+                if (fk.target)().same_as(to) {
+                    let Some(target) = to.columns.iter().position(|c| c.name == fk.column) else {
+                        continue;
+                    };
+                    links.push(equals(column_expr(from, position), column_expr(to, target)));
+                }
             }
         }
     }
+    let models = selected.iter().map(|t| t.model).collect::<Vec<_>>().join(", ");
+    let tables = selected
+        .iter()
+        .map(|t| format!("\"{}\"", t.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     match links.len() {
         1 => Ok(links.pop().expect("one link")),
         0 => Err(format!(
-            "cannot join {} to {}: no foreign key links tables \"{}\" and \"{}\"; name the columns with join_on",
-            left.model, right.model, left.name, right.name
+            "cannot join {} to {models}: no foreign key links table \"{}\" with {tables}; name the columns with join_on",
+            joined.model, joined.name
         )),
         n => Err(format!(
-            "cannot join {} to {}: {n} foreign keys link tables \"{}\" and \"{}\"; choose one with join_on",
-            left.model, right.model, left.name, right.name
+            "cannot join {} to {models}: {n} foreign keys link table \"{}\" with {tables}; choose one with join_on",
+            joined.model, joined.name
         )),
     }
 }
@@ -331,21 +359,35 @@ impl<'s, M: Model> Query<'s, M> {
         }
     }
 
-    fn joined<S>(
+    /// Runs the query and hands each object to `on_object` as its row
+    /// arrives, without tracking it: no identity map entry, no list of all
+    /// results. For result sets too large to hold; memory stays flat
+    /// however many rows come back. Changes to these objects are not saved.
+    pub async fn for_each(self, on_object: impl FnMut(M) -> Result<()>) -> Result<()> {
+        let (session, statement) = self.statement(None)?;
+        session.stream::<M>(statement, on_object).await
+    }
+}
+
+impl<'s, S: Selection> Query<'s, S> {
+    fn joined<T>(
         mut self,
         kind: JoinKind,
         table: &'static TableDef,
         on: std::result::Result<Expr, String>,
-    ) -> Query<'s, S> {
-        if M::TABLE.name == table.name {
-            self.invalid = Some(format!(
-                "cannot join {} to table \"{}\", its own: joins of a table with itself need aliases, \
-                 which are not supported yet",
-                M::TABLE.model,
-                table.name
-            ));
+    ) -> Query<'s, T> {
+        let mut selected = Vec::new();
+        S::tables(&mut selected);
+        if let Some(own) = selected.iter().find(|t| t.name == table.name) {
+            self.invalid = self.invalid.or(Some(format!(
+                "cannot join {} to table \"{}\", which {} already selects: joins of a table with itself need \
+                 aliases, which are not supported yet",
+                table.model, table.name, own.model
+            )));
         } else if table.primary_key.is_empty() {
-            self.invalid = Some(format!("cannot join {}: it has no primary key", table.model));
+            self.invalid = self
+                .invalid
+                .or(Some(format!("cannot join {}: it has no primary key", table.model)));
         }
         match on {
             Ok(on) => self.joins.push(JoinClause {
@@ -367,65 +409,72 @@ impl<'s, M: Model> Query<'s, M> {
         }
     }
 
-    /// `JOIN`s model `J`'s table on the foreign key between the two, and
-    /// yields `(Tracked<M>, Tracked<J>)` pairs: one per matching pair of rows.
-    /// The foreign key may point either way; when none or several link the
-    /// tables, the query fails with `Error::Metadata` (use
-    /// [`join_on`](Query::join_on) then).
+    fn inferred_on<J: Model>() -> std::result::Result<Expr, String> {
+        let mut selected = Vec::new();
+        S::tables(&mut selected);
+        foreign_key_condition(&selected, J::TABLE)
+    }
+
+    /// `JOIN`s model `J`'s table on the foreign key that links it with a
+    /// model the query selects, and yields pairs: `(Tracked<M>, Tracked<J>)`
+    /// after the first join, `((a, b), Tracked<J>)` after a second, and so
+    /// on. The foreign key may point either way; when none or several link
+    /// `J` with the selected models, the query fails with `Error::Metadata`
+    /// (use [`join_on`](Query::join_on) then).
     ///
-    /// Both objects of each pair enter the identity map, so a parent that
+    /// Every object of each row enters the identity map, so a parent that
     /// matches several children is the same object in each pair.
-    pub fn join<J: Model>(self) -> Query<'s, (M, J)> {
-        let on = foreign_key_condition(M::TABLE, J::TABLE);
+    pub fn join<J: Model>(self) -> Query<'s, (S, J)> {
+        let on = Self::inferred_on::<J>();
         self.joined(JoinKind::Inner, J::TABLE, on)
     }
 
-    /// `LEFT JOIN`s model `J`'s table on the foreign key between the two
-    /// (SQLAlchemy's `outerjoin`): every row of `M` comes back, paired with
-    /// `None` where no row of `J` matches.
-    pub fn left_join<J: Model>(self) -> Query<'s, (M, Option<J>)> {
-        let on = foreign_key_condition(M::TABLE, J::TABLE);
+    /// `LEFT JOIN`s model `J`'s table on the foreign key that links it with
+    /// a model the query selects (SQLAlchemy's `outerjoin`): every row so far
+    /// comes back, paired with `None` where no row of `J` matches.
+    pub fn left_join<J: Model>(self) -> Query<'s, (S, Option<J>)> {
+        let on = Self::inferred_on::<J>();
         self.joined(JoinKind::Left, J::TABLE, on)
     }
 
-    /// [`join`](Query::join) on `left = right`, for tables linked by no
-    /// foreign key or by several.
-    pub fn join_on<J: Model, T, U>(self, left: Column<M, T>, right: Column<J, U>) -> Query<'s, (M, J)>
+    /// [`join`](Query::join) on `left = right`, where `left` is a column of
+    /// any model the query selects: for tables linked by no foreign key or
+    /// by several.
+    pub fn join_on<N: Model, Position, J: Model, T, U>(
+        self,
+        left: Column<N, T>,
+        right: Column<J, U>,
+    ) -> Query<'s, (S, J)>
     where
+        S: Contains<N, Position>,
         T: ColumnType + Joinable<U>,
         U: ColumnType,
     {
         let on = equals(
-            column_expr(M::TABLE, left.position),
+            column_expr(N::TABLE, left.position),
             column_expr(J::TABLE, right.position),
         );
         self.joined(JoinKind::Inner, J::TABLE, Ok(on))
     }
 
     /// [`left_join`](Query::left_join) on `left = right`.
-    pub fn left_join_on<J: Model, T, U>(self, left: Column<M, T>, right: Column<J, U>) -> Query<'s, (M, Option<J>)>
+    pub fn left_join_on<N: Model, Position, J: Model, T, U>(
+        self,
+        left: Column<N, T>,
+        right: Column<J, U>,
+    ) -> Query<'s, (S, Option<J>)>
     where
+        S: Contains<N, Position>,
         T: ColumnType + Joinable<U>,
         U: ColumnType,
     {
         let on = equals(
-            column_expr(M::TABLE, left.position),
+            column_expr(N::TABLE, left.position),
             column_expr(J::TABLE, right.position),
         );
         self.joined(JoinKind::Left, J::TABLE, Ok(on))
     }
 
-    /// Runs the query and hands each object to `on_object` as its row
-    /// arrives, without tracking it: no identity map entry, no list of all
-    /// results. For result sets too large to hold; memory stays flat
-    /// however many rows come back. Changes to these objects are not saved.
-    pub async fn for_each(self, on_object: impl FnMut(M) -> Result<()>) -> Result<()> {
-        let (session, statement) = self.statement(None)?;
-        session.stream::<M>(statement, on_object).await
-    }
-}
-
-impl<'s, S: Selection> Query<'s, S> {
     /// Keeps rows matching `condition`; several filters are joined with AND.
     /// After a join, conditions may be on either model.
     pub fn filter<N, Position>(mut self, condition: Condition<N>) -> Self

@@ -4,7 +4,7 @@
 use orm::prelude::*;
 
 use crate::common::EchoCapture;
-use crate::models::{setup, Author, Book, Post, User};
+use crate::models::{setup, Author, Book, Comment, Post, User};
 
 /// sandy has three posts, patrick one, gary none.
 async fn seeded() -> (crate::common::TestDb, Session) {
@@ -298,4 +298,124 @@ async fn joins_without_one_foreign_key_or_of_a_table_with_itself_are_errors_nami
     }
     // Nothing reached the server: the session is still usable.
     assert_eq!(session.query::<User>().count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn joins_chain_across_three_models_as_nested_pairs() {
+    let (_db, mut session) = seeded().await;
+    let users = session.query::<User>().order_by(User::name).all().await.unwrap();
+    let (gary, patrick) = (users[0].read().id, users[1].read().id);
+    let karate = session
+        .query::<Post>()
+        .filter(Post::title.eq("karate"))
+        .one()
+        .await
+        .unwrap();
+    let karate_id = karate.read().id;
+    for (user_id, body) in [(patrick, "nice moves"), (gary, "meow")] {
+        session.add(Comment {
+            id: 0,
+            post_id: karate_id,
+            user_id,
+            body: body.to_owned(),
+        });
+    }
+    session.commit().await.unwrap();
+
+    // Author, post, comment: the comment is linked to users and posts both,
+    // so the ON columns are named; the left column may be either model's.
+    let echo = EchoCapture::start();
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .join_on(Post::id, Comment::post_id)
+        .filter(Comment::body.ne("spam"))
+        .order_by(Comment::body)
+        .all()
+        .await
+        .unwrap();
+    let seen: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|((author, post), comment)| {
+            (
+                author.read().name.clone(),
+                post.read().title.clone(),
+                comment.read().body.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("sandy".to_owned(), "karate".to_owned(), "meow".to_owned()),
+            ("sandy".to_owned(), "karate".to_owned(), "nice moves".to_owned()),
+        ]
+    );
+    // The post is the session's object for its row, in both rows.
+    assert!(rows.iter().all(|((_, post), _)| post.ptr_eq(&karate)));
+    let select = echo
+        .take()
+        .into_iter()
+        .find(|s| s.starts_with("SELECT"))
+        .expect("echoed");
+    assert!(
+        select.contains(
+            r#" FROM "users" JOIN "posts" ON "posts"."user_id" = "users"."id" JOIN "comments" ON "posts"."id" = "comments"."post_id" WHERE "comments"."body" <> $1"#
+        ),
+        "{select}"
+    );
+
+    // Inferred from the one foreign key linking comments with the query's
+    // models, here posts (users are not selected).
+    let rows = session
+        .query::<Post>()
+        .left_join::<Comment>()
+        .filter(Post::title.is_in(["karate", "rock"]))
+        .order_by(Post::title)
+        .order_by(Comment::body)
+        .all()
+        .await
+        .unwrap();
+    let seen: Vec<(String, Option<String>)> = rows
+        .iter()
+        .map(|(post, comment)| {
+            (
+                post.read().title.clone(),
+                comment.as_ref().map(|c| c.read().body.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("karate".to_owned(), Some("meow".to_owned())),
+            ("karate".to_owned(), Some("nice moves".to_owned())),
+            ("rock".to_owned(), None),
+        ]
+    );
+
+    // Comments link to both users and posts: inferring is ambiguous.
+    match session.query::<User>().join::<Post>().join::<Comment>().count().await {
+        Err(Error::Metadata(message)) => {
+            assert!(message.contains("2 foreign keys"), "{message}");
+            assert!(message.contains("join_on"), "{message}");
+        }
+        other => panic!("expected an ambiguity error, got {other:?}"),
+    }
+    // A model already selected cannot be joined again.
+    match session.query::<User>().join::<Post>().join::<User>().count().await {
+        Err(Error::Metadata(message)) => assert!(message.contains("already selects"), "{message}"),
+        other => panic!("expected a self-join error, got {other:?}"),
+    }
+    // Three models, counted and bounded like any query.
+    assert_eq!(
+        session
+            .query::<User>()
+            .join::<Post>()
+            .left_join_on(Post::id, Comment::post_id)
+            .count()
+            .await
+            .unwrap(),
+        5
+    );
 }

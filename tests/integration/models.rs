@@ -41,6 +41,20 @@ pub struct Post {
     pub score: f64,
 }
 
+/// Linked to both users and posts: joining it to a query of both needs
+/// the columns named.
+#[derive(Model, Debug, Clone, PartialEq)]
+#[orm(table = "comments", base = TestBase)]
+pub struct Comment {
+    #[orm(primary_key, identity)]
+    pub id: i64,
+    #[orm(foreign_key = Post::id, on_delete = "cascade")]
+    pub post_id: i32,
+    #[orm(foreign_key = User::id, on_delete = "cascade")]
+    pub user_id: i64,
+    pub body: String,
+}
+
 /// Keys chosen by the application: lets a test add a child before its parent.
 #[derive(Model, Debug, Clone, PartialEq)]
 #[orm(table = "authors", base = TestBase)]
