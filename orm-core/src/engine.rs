@@ -268,11 +268,28 @@ impl Engine {
     }
 
     pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object> {
-        self.inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::from_pool(e, self.inner.pool_timeout, self.inner.connect_timeout))
+        // First without waiting: when a connection is free (the usual case)
+        // this skips arming the wait timer. Only a full pool waits, with the
+        // configured timeout.
+        let immediate = deadpool_postgres::Timeouts {
+            wait: Some(Duration::ZERO),
+            ..self.inner.pool.timeouts()
+        };
+        let error = match self.inner.pool.timeout_get(&immediate).await {
+            Ok(conn) => return Ok(conn),
+            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
+                match self.inner.pool.get().await {
+                    Ok(conn) => return Ok(conn),
+                    Err(error) => error,
+                }
+            }
+            Err(error) => error,
+        };
+        Err(Error::from_pool(
+            error,
+            self.inner.pool_timeout,
+            self.inner.connect_timeout,
+        ))
     }
 
     /// Runs DDL statements in one transaction.
