@@ -16,8 +16,9 @@ use crate::types::ColumnType;
 use crate::unit::TableState;
 
 /// A query bound to a session. `S` is what each row yields: a model `M`
-/// (from `session.query::<M>()`), or a pair after a join: `(A, B)` from
-/// [`join`](Query::join), `(A, Option<B>)` from [`left_join`](Query::left_join).
+/// (from `session.query::<M>()`), or after each join a pair of what came
+/// before and the joined model: `(S, B)` from [`join`](Query::join),
+/// `(S, Option<B>)` from [`left_join`](Query::left_join).
 ///
 /// Built with [`filter`](Query::filter), [`order_by`](Query::order_by),
 /// [`limit`](Query::limit) and [`offset`](Query::offset), then run with
@@ -220,7 +221,14 @@ impl<S: Selection, B: Model> Selection for (S, Option<B>) {
         // A primary key is never NULL, so a NULL key means the join found no
         // row. Every derived model has a key; `joined` refuses others.
         let key = offset + B::TABLE.primary_key.first().copied().unwrap_or(0);
-        let matched = matches!(row.try_get::<_, Option<AnyValue>>(key), Ok(Some(_)));
+        let matched = row
+            .try_get::<_, Option<AnyValue>>(key)
+            .map_err(|source| Error::TypeMismatch {
+                table: B::TABLE.name.to_owned(),
+                column: B::TABLE.columns.get(key - offset).map_or("?", |c| c.name).to_owned(),
+                source,
+            })?
+            .is_some();
         let right = if matched {
             Some(B::merge_at(units, row, offset)?)
         } else {
@@ -476,7 +484,7 @@ impl<'s, S: Selection> Query<'s, S> {
     }
 
     /// Keeps rows matching `condition`; several filters are joined with AND.
-    /// After a join, conditions may be on either model.
+    /// After joins, conditions may be on any model the query selects.
     pub fn filter<N, Position>(mut self, condition: Condition<N>) -> Self
     where
         S: Contains<N, Position>,

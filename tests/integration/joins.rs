@@ -394,6 +394,23 @@ async fn joins_chain_across_three_models_as_nested_pairs() {
         ]
     );
 
+    // A left join in the middle: gary has no post, and his comment's columns
+    // are still read after the (NULL) post columns.
+    let rows = session
+        .query::<User>()
+        .left_join::<Post>()
+        .join_on(User::id, Comment::user_id)
+        .filter(User::name.eq("gary"))
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let ((user, post), comment) = &rows[0];
+    assert_eq!(user.read().name, "gary");
+    assert!(post.is_none());
+    assert_eq!(comment.read().body, "meow");
+    assert_eq!(comment.read().post_id, karate_id);
+
     // Comments link to both users and posts: inferring is ambiguous.
     match session.query::<User>().join::<Post>().join::<Comment>().count().await {
         Err(Error::Metadata(message)) => {
