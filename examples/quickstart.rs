@@ -183,6 +183,18 @@ async fn run() -> orm::Result<()> {
         let item = item.read();
         println!("Item {} {:?}: {:?}", item.id, item.title, item.description);
     }
+
+    // session.query(Item, User).join(User).filter(User.is_active).order_by(Item.title).all()
+    for (item, owner) in session
+        .query::<Item>()
+        .join::<User>()
+        .filter(User::is_active.eq(true))
+        .order_by(Item::title)
+        .all()
+        .await?
+    {
+        println!("{:?} belongs to {}", item.read().title, owner.read().email);
+    }
     session.close().await?;
     drop(db.engine);
     db.scratch.drop_database().await?;
