@@ -27,7 +27,7 @@ pub use error::{Error, Result};
 pub use expr::{Column, Condition, Order};
 pub use metadata::{MetaData, Registration};
 pub use model::{ColumnDef, ForeignKeyDef, Model, TableDef};
-pub use query::{Query, Selection};
+pub use query::{Joined, Query, Selection};
 pub use session::{sessionmaker, Session, SessionConfig, SessionMaker};
 pub use tracked::{ObjectStatus, Tracked, TrackedMut, TrackedRef};
 pub use types::{ColumnType, IntoValue, Param};

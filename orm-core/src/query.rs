@@ -41,8 +41,8 @@ pub struct Query<'s, S> {
 }
 
 /// What one row of a query yields: a model `M`, or after joins a nested
-/// pair `(S, B)` (inner join) or `(S, Option<B>)` (left join), where `S` is
-/// what the query selected before the join.
+/// pair `(S, J)`, where `S` is what the query selected before the join and
+/// `J` the joined model `B` (inner join) or `Option<B>` (left join).
 pub trait Selection: 'static {
     /// The loaded value: `Tracked<M>`, or nested pairs of them.
     type Output: Send;
@@ -140,38 +140,25 @@ impl<M: Model> Selection for M {
     }
 }
 
-impl<S: Selection, B: Model> Selection for (S, B) {
-    type Output = (S::Output, Tracked<B>);
-    // Several models: each row finds each model's map, one probe apiece.
-    type Merger<'u> = SessionUnits<'u>;
+/// The right-hand side of a join: a model `B` (inner join: always there)
+/// or `Option<B>` (left join: `None` where nothing matched).
+pub trait Joined: 'static {
+    /// The joined model.
+    type Model: Model;
+    /// What each row yields for it.
+    type Output: Send;
+    /// Decodes the model's columns from `offset` on and merges them.
+    #[doc(hidden)]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
+}
 
-    fn root() -> &'static TableDef {
-        S::root()
-    }
-
-    fn tables(out: &mut Vec<&'static TableDef>) {
-        S::tables(out);
-        out.push(B::TABLE);
-    }
-
-    fn width() -> usize {
-        S::width() + B::TABLE.columns.len()
-    }
-
-    fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        units
-    }
+impl<B: Model> Joined for B {
+    type Model = B;
+    type Output = Tracked<B>;
 
     #[inline]
-    fn merge(units: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
-        Self::merge_at(units, row, 0)
-    }
-
-    #[inline]
-    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output> {
-        let left = S::merge_at(units, row, offset)?;
-        let right = B::merge_at(units, row, offset + S::width())?;
-        Ok((left, right))
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<B>> {
+        <B as Selection>::merge_at(units, row, offset)
     }
 }
 
@@ -188,8 +175,34 @@ impl<'a> FromSql<'a> for AnyValue {
     }
 }
 
-impl<S: Selection, B: Model> Selection for (S, Option<B>) {
-    type Output = (S::Output, Option<Tracked<B>>);
+impl<B: Model> Joined for Option<B> {
+    type Model = B;
+    type Output = Option<Tracked<B>>;
+
+    #[inline]
+    fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Option<Tracked<B>>> {
+        // A primary key is never NULL, so a NULL key means the join found no
+        // row. Every derived model has a key; `joined` refuses others.
+        let key_column = B::TABLE.primary_key.first().copied().unwrap_or(0);
+        let matched = row
+            .try_get::<_, Option<AnyValue>>(offset + key_column)
+            .map_err(|source| Error::TypeMismatch {
+                table: B::TABLE.name.to_owned(),
+                column: B::TABLE.columns.get(key_column).map_or("?", |c| c.name).to_owned(),
+                source,
+            })?
+            .is_some();
+        if matched {
+            Ok(Some(<B as Selection>::merge_at(units, row, offset)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl<S: Selection, J: Joined> Selection for (S, J) {
+    type Output = (S::Output, J::Output);
+    // Several models: each row finds each model's map, one probe apiece.
     type Merger<'u> = SessionUnits<'u>;
 
     fn root() -> &'static TableDef {
@@ -198,11 +211,11 @@ impl<S: Selection, B: Model> Selection for (S, Option<B>) {
 
     fn tables(out: &mut Vec<&'static TableDef>) {
         S::tables(out);
-        out.push(B::TABLE);
+        out.push(J::Model::TABLE);
     }
 
     fn width() -> usize {
-        S::width() + B::TABLE.columns.len()
+        S::width() + J::Model::TABLE.columns.len()
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
@@ -217,23 +230,7 @@ impl<S: Selection, B: Model> Selection for (S, Option<B>) {
     #[inline]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output> {
         let left = S::merge_at(units, row, offset)?;
-        let offset = offset + S::width();
-        // A primary key is never NULL, so a NULL key means the join found no
-        // row. Every derived model has a key; `joined` refuses others.
-        let key = offset + B::TABLE.primary_key.first().copied().unwrap_or(0);
-        let matched = row
-            .try_get::<_, Option<AnyValue>>(key)
-            .map_err(|source| Error::TypeMismatch {
-                table: B::TABLE.name.to_owned(),
-                column: B::TABLE.columns.get(key - offset).map_or("?", |c| c.name).to_owned(),
-                source,
-            })?
-            .is_some();
-        let right = if matched {
-            Some(B::merge_at(units, row, offset)?)
-        } else {
-            None
-        };
+        let right = J::merge_at(units, row, offset + S::width())?;
         Ok((left, right))
     }
 }
@@ -262,10 +259,8 @@ pub enum Right {}
 pub struct InLeft<P>(PhantomData<P>);
 
 impl<M: Model> Contains<M, Only> for M {}
-impl<S, B: Model, N, P> Contains<N, InLeft<P>> for (S, B) where S: Contains<N, P> {}
-impl<S, B: Model> Contains<B, Right> for (S, B) {}
-impl<S, B: Model, N, P> Contains<N, InLeft<P>> for (S, Option<B>) where S: Contains<N, P> {}
-impl<S, B: Model> Contains<B, Right> for (S, Option<B>) {}
+impl<S, J: Joined, N, P> Contains<N, InLeft<P>> for (S, J) where S: Contains<N, P> {}
+impl<S, J: Joined> Contains<J::Model, Right> for (S, J) {}
 
 /// Something `order_by` takes: a column (ascending) or an [`Order`].
 pub trait IntoOrder {
