@@ -336,7 +336,11 @@ impl Error {
             ) => Error::ConnectionLost { source },
             _ => {
                 let message = source_chain(&source);
-                if message.contains("error connecting to server") || message.contains("timeout") {
+                // The server asked for a password and none was given, or the
+                // exchange (SCRAM) failed on the client's side.
+                if message.contains("password missing") || message.contains("authentication error") {
+                    Error::AuthenticationFailed { message, source }
+                } else if message.contains("error connecting to server") || message.contains("timeout") {
                     Error::ServerUnreachable { message, source }
                 } else {
                     Error::Database {

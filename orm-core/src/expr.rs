@@ -134,19 +134,29 @@ impl<M: Model, T: ColumnType> Column<M, T> {
     }
 
     fn compare(self, op: BinaryOp, value: impl IntoValue<T>) -> Condition<M> {
+        let value = value.into_value();
+        // `= NULL` is never true; like SQLAlchemy's `== None`, an equality
+        // with NULL means IS NULL.
+        if value.is_null() {
+            match op {
+                BinaryOp::Eq => return self.is_null(),
+                BinaryOp::Ne => return self.is_not_null(),
+                _ => {}
+            }
+        }
         Condition::new(Expr::Binary(
             Box::new(self.expr()),
             op,
-            Box::new(Expr::Param(ParamValue::new(Box::new(value.into_value())))),
+            Box::new(Expr::Param(ParamValue::new(Box::new(value)))),
         ))
     }
 
-    /// `column = value`.
+    /// `column = value`; `IS NULL` when the value is `None`.
     pub fn eq(self, value: impl IntoValue<T>) -> Condition<M> {
         self.compare(BinaryOp::Eq, value)
     }
 
-    /// `column <> value`.
+    /// `column <> value`; `IS NOT NULL` when the value is `None`.
     pub fn ne(self, value: impl IntoValue<T>) -> Condition<M> {
         self.compare(BinaryOp::Ne, value)
     }

@@ -62,6 +62,7 @@ impl MetaData {
                 }
             }
         }
+        check_relation_names(by_name.values().copied())?;
         let (order, leftover) = dependency_order(&by_name);
         if !leftover.is_empty() {
             return Err(Error::Metadata(format!(
@@ -178,6 +179,56 @@ pub(crate) fn parents_first(tables: &[&'static TableDef]) -> Vec<&'static TableD
         order.push(remaining.remove(ready.unwrap_or(0)));
     }
     order
+}
+
+/// PostgreSQL keeps the first 63 bytes of an identifier (at a character
+/// boundary) and drops the rest.
+fn as_stored(name: &str) -> &str {
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// Tables and the indexes `create_all` names (primary keys, unique
+/// constraints, plain indexes) share one namespace per schema. Two of the
+/// generated names meeting there would make `create_all` fail half-way, or
+/// (`IF NOT EXISTS`) skip an index without a word: refuse them up front.
+fn check_relation_names(tables: impl Iterator<Item = &'static TableDef>) -> Result<()> {
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for table in tables {
+        let mut names = vec![
+            (table.name.to_owned(), format!("table {:?}", table.name)),
+            (
+                format!("{}_pkey", table.name),
+                format!("the primary key of table {:?}", table.name),
+            ),
+        ];
+        for column in table.columns {
+            if column.unique && !(column.primary_key && table.primary_key.len() == 1) {
+                names.push((
+                    format!("{}_{}_key", table.name, column.name),
+                    format!("the unique constraint on {}.{}", table.name, column.name),
+                ));
+            }
+            if column.index && !column.unique {
+                names.push((
+                    format!("ix_{}_{}", table.name, column.name),
+                    format!("the index on {}.{}", table.name, column.name),
+                ));
+            }
+        }
+        for (name, what) in names {
+            let stored = as_stored(&name).to_owned();
+            if let Some(previous) = seen.insert(stored.clone(), what.clone()) {
+                return Err(Error::Metadata(format!(
+                    "{previous} and {what} would both be named {stored:?} in the database; rename a table or column"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create_table_statement(table: &'static TableDef) -> CreateTableStatement {

@@ -72,8 +72,17 @@ pub struct ForeignKeyDef {
 impl TableDef {
     /// Whether both describe the same model's table. Addresses cannot tell:
     /// a `const` table description may be copied at each place it is used.
+    /// Two models of one name (in two modules) on one table differ in their
+    /// columns, or are interchangeable.
     pub fn same_as(&self, other: &TableDef) -> bool {
-        self.name == other.name && self.model == other.model && self.columns.len() == other.columns.len()
+        std::ptr::eq(self, other)
+            || (self.name == other.name
+                && self.model == other.model
+                && self.primary_key == other.primary_key
+                && self.columns.len() == other.columns.len()
+                && self.columns.iter().zip(other.columns).all(|(a, b)| {
+                    a.name == b.name && a.sql_type == b.sql_type && a.nullable == b.nullable && a.length == b.length
+                }))
     }
 
     /// The column at `position`.

@@ -96,6 +96,18 @@ impl DatabaseUrl {
             Some((userinfo, hostport)) => (Some(userinfo), hostport),
             None => (None, authority),
         };
+        // "user:pa/ss@host" splits at the '/' before the '@' is seen, which
+        // would read "user" as the host and part of the password as its
+        // port: refuse it, without showing any of it.
+        let at_after_host = path.is_some_and(|p| p.contains('@')) || query.is_some_and(|q| q.contains('@'));
+        if userinfo.is_none() && authority.contains(':') && at_after_host {
+            return Err(Error::InvalidUrl {
+                part: "user info".into(),
+                reason: "an '@' follows the host and port; percent-encode '/', '?' and '@' in a password \
+                         (%2F, %3F, %40), and '@' in an option's value (%40)"
+                    .into(),
+            });
+        }
 
         let mut parsed = DatabaseUrl {
             scheme: scheme.to_owned(),
@@ -144,6 +156,8 @@ impl DatabaseUrl {
                 })?;
                 let key = percent_decode(key, "query option name")?;
                 let value = percent_decode(value, &format!("query option {key:?}"))?;
+                // (percent_decode never quotes the text, so a password given
+                // as an option does not leak through its error either.)
                 parsed.apply_option(&key, value)?;
             }
         }
@@ -334,12 +348,20 @@ fn parse_host_port(hostport: &str, url: &mut DatabaseUrl) -> Result<()> {
                 reason: format!("unexpected {p:?} after the IPv6 address"),
             })?),
         };
-        (host.to_owned(), port)
+        // A zone is written %25: "[fe80::1%25eth0]".
+        (percent_decode(host, "host")?, port)
     } else {
-        match hostport.rsplit_once(':') {
+        let (host, port) = match hostport.rsplit_once(':') {
             Some((host, port)) => (percent_decode(host, "host")?, Some(port)),
             None => (percent_decode(hostport, "host")?, None),
+        };
+        if host.contains(':') && !host.starts_with('/') {
+            return Err(Error::InvalidUrl {
+                part: "host".into(),
+                reason: "more than one ':' after the host; an IPv6 address goes in brackets, [::1]".into(),
+            });
         }
+        (host, port)
     };
     if host.contains(',') {
         return Err(Error::InvalidUrl {
@@ -374,13 +396,16 @@ fn percent_decode(text: &str, part: &str) -> Result<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Exactly two hex digits: from_str_radix alone would take "+1".
             let hex = bytes
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| Error::InvalidUrl {
                     part: part.to_owned(),
-                    reason: format!("invalid percent-encoding at byte {i} of {text:?}"),
+                    // The text is not quoted: it may be a password.
+                    reason: format!("invalid percent-encoding at byte {i}"),
                 })?;
             out.push(hex);
             i += 3;
@@ -511,6 +536,42 @@ mod tests {
         assert!(url.unmasked().contains("hunter2"));
         let error = DatabaseUrl::parse("postgres://sandy:hunter2%@h/db").unwrap_err();
         assert!(!error.to_string().contains("hunter2"));
+        // Given as an option, a badly encoded password does not show either.
+        let error = DatabaseUrl::parse("postgres://sandy@h/db?password=hunter2%zz").unwrap_err();
+        assert!(!format!("{error} {error:?}").contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn unencoded_slash_or_question_mark_in_a_password_is_refused_without_showing_it() {
+        for url in [
+            "postgresql://u:pa?ss@h/db",
+            "postgresql://u:6543/x@h/db",
+            "postgresql://u:se/cret@h:5432/db?sslmode=disable",
+        ] {
+            let error = DatabaseUrl::parse(url).unwrap_err();
+            assert_eq!(part_of(DatabaseUrl::parse(url)), "user info", "{url}");
+            let shown = format!("{error} {error:?}");
+            for secret in ["pa", "ss", "6543", "se", "cret"] {
+                assert!(!shown.contains(&format!("\"{secret}")), "{url}: {shown}");
+            }
+        }
+        // Encoded, the same passwords parse.
+        let url = DatabaseUrl::parse("postgresql://u:pa%3Fss@h/db").unwrap();
+        assert!(url.unmasked().contains("pa%3Fss") || url.unmasked().contains("pa?ss"));
+        // An '@' in an option's value is fine when no port could be mistaken.
+        let url = DatabaseUrl::parse("postgresql://h/db?application_name=me@work").unwrap();
+        assert_eq!(url.application_name.as_deref(), Some("me@work"));
+    }
+
+    #[test]
+    fn malformed_hosts_and_escapes_are_refused() {
+        assert_eq!(part_of(DatabaseUrl::parse("postgres://h/db%+1")), "database");
+        assert_eq!(part_of(DatabaseUrl::parse("postgres://u:ab%+5@h/db")), "password");
+        assert_eq!(part_of(DatabaseUrl::parse("postgres://::1/db")), "host");
+        assert_eq!(part_of(DatabaseUrl::parse("postgres://h:5432:5433/db")), "host");
+        let zoned = DatabaseUrl::parse("postgres://[fe80::1%25eth0]:5433/db").unwrap();
+        assert_eq!(zoned.host, Some(Host::Tcp("fe80::1%eth0".into())));
+        assert_eq!(zoned.port, Some(5433));
     }
 
     #[test]

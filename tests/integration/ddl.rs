@@ -281,6 +281,81 @@ mod cyclic {
     }
 }
 
+mod colliding {
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub CollidingBase);
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "order", base = CollidingBase)]
+    pub struct Order {
+        #[orm(primary_key)]
+        pub id: i64,
+        #[orm(index)]
+        pub item_sku: String,
+    }
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "order_item", base = CollidingBase)]
+    pub struct OrderItem {
+        #[orm(primary_key)]
+        pub id: i64,
+        #[orm(index)]
+        pub sku: String,
+    }
+
+    #[test]
+    fn generated_names_that_collide_are_a_metadata_error_naming_both() {
+        match CollidingBase::create_all_sql() {
+            Err(Error::Metadata(message)) => {
+                assert!(message.contains("\"ix_order_item_sku\""), "{message}");
+                assert!(
+                    message.contains("order.item_sku") && message.contains("order_item.sku"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+}
+
+mod twins {
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub TwinBase);
+
+    pub mod billing {
+        #[derive(orm::Model, Debug, Clone)]
+        #[orm(table = "accounts", base = super::TwinBase)]
+        pub struct Account {
+            #[orm(primary_key)]
+            pub id: i64,
+            pub balance: i64,
+        }
+    }
+
+    pub mod auth {
+        #[derive(orm::Model, Debug, Clone)]
+        #[orm(table = "accounts", base = super::TwinBase)]
+        pub struct Account {
+            #[orm(primary_key)]
+            pub id: i64,
+            pub password_hash: String,
+        }
+    }
+
+    #[test]
+    fn two_models_of_one_name_on_one_table_are_a_metadata_error() {
+        let _ = (billing::Account::id, auth::Account::id);
+        match TwinBase::create_all_sql() {
+            Err(Error::Metadata(message)) => {
+                assert!(message.contains("both map to table \"accounts\""), "{message}")
+            }
+            other => panic!("expected a metadata error, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_cancelled_create_all_never_pools_a_connection_inside_its_transaction() {
     let db = crate::common::test_db_with(|b| b.pool_size(1)).await;

@@ -209,3 +209,36 @@ async fn a_server_that_never_answers_is_a_connect_timeout() {
     }
     silent.abort();
 }
+
+#[tokio::test]
+async fn a_server_asking_for_a_password_none_was_given_for_is_an_authentication_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A stand-in server: reads the startup message, asks for a cleartext
+    // password, then waits.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut length = [0u8; 4];
+            if socket.read_exact(&mut length).await.is_err() {
+                continue;
+            }
+            let mut startup = vec![0u8; (u32::from_be_bytes(length) as usize).saturating_sub(4)];
+            if socket.read_exact(&mut startup).await.is_err() {
+                continue;
+            }
+            let _ = socket.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]).await;
+            held.push(socket);
+        }
+    });
+    let engine = Engine::builder(format!("postgresql://sandy@127.0.0.1:{port}/postgres"))
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    match engine.connect().await.unwrap_err() {
+        Error::AuthenticationFailed { message, .. } => assert!(message.contains("password"), "{message}"),
+        other => panic!("expected an authentication failure, got {other:?}"),
+    }
+    server.abort();
+}

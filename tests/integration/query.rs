@@ -94,6 +94,58 @@ async fn filters_compare_with_bound_values() {
 }
 
 #[tokio::test]
+async fn equality_with_none_is_a_null_test() {
+    let (_db, mut session) = seeded().await;
+    let echo = EchoCapture::start();
+    let without = session
+        .query::<User>()
+        .filter(User::email.eq(None::<String>))
+        .order_by(User::name)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&without), ["gary", "patrick"]);
+    let with = session
+        .query::<User>()
+        .filter(User::email.ne(None::<String>))
+        .order_by(User::name)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(names(&with), ["sandy", "squidward"]);
+    let statements = echo.take();
+    assert!(
+        statements.iter().any(|s| s.contains(r#""users"."email" IS NULL"#)),
+        "{statements:?}"
+    );
+    assert!(
+        statements.iter().any(|s| s.contains(r#""users"."email" IS NOT NULL"#)),
+        "{statements:?}"
+    );
+    // A value that may or may not be there, in one expression.
+    for (maybe, expected) in [(Some("sandy@reef.org"), vec!["sandy"]), (None, vec!["gary", "patrick"])] {
+        let found = session
+            .query::<User>()
+            .filter(User::email.eq(maybe.map(str::to_owned)))
+            .order_by(User::name)
+            .all()
+            .await
+            .unwrap();
+        assert_eq!(names(&found), expected);
+    }
+    // Ordering against NULL matches nothing, as in SQL.
+    assert_eq!(
+        session
+            .query::<User>()
+            .filter(User::email.gt(None::<String>))
+            .count()
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
 async fn conditions_combine_with_and_or_not() {
     let (_db, mut session) = seeded().await;
     let both = session
