@@ -228,7 +228,18 @@ impl Session {
                 unit.deleted.push((key, object.clone()));
                 Ok(())
             }
-            ObjectStatus::Deleted => Ok(()),
+            ObjectStatus::Deleted => {
+                let known = unit.deleted.iter().any(|(_, t)| t.ptr_eq(object))
+                    || unit.flushed_deletes.iter().any(|t| t.ptr_eq(object));
+                if known {
+                    Ok(())
+                } else {
+                    Err(Error::InvalidState(format!(
+                        "this {} object was deleted in a committed transaction or belongs to another session",
+                        M::TABLE.model
+                    )))
+                }
+            }
             ObjectStatus::Detached => Err(Error::InvalidState(format!(
                 "cannot delete a detached {} object; load it in this session first",
                 M::TABLE.model
@@ -345,6 +356,11 @@ impl Session {
         if !self.units.values().any(|u| u.has_changes()) {
             return Ok(());
         }
+        // Refused before anything is sent: the transaction and the session
+        // stay as they were, and fixing the object is enough.
+        for unit in self.units.values() {
+            unit.check_changes()?;
+        }
         self.busy = true;
         let result = self.flush_inner().await;
         self.busy = false;
@@ -390,6 +406,11 @@ impl Session {
         if own_transaction {
             self.end_transaction("COMMIT").await?;
             self.release_if_idle();
+            // A flush that was its own transaction is a commit.
+            let expire = self.config.expire_on_commit;
+            for unit in self.units.values_mut() {
+                unit.after_commit(expire);
+            }
         }
         Ok(())
     }
@@ -601,8 +622,11 @@ impl Session {
     }
 
     /// Runs one SQL statement written by hand inside the session's
-    /// transaction (after an autoflush) and returns its rows.
+    /// transaction (after an autoflush) and returns its rows. Transaction
+    /// control (`BEGIN`, `COMMIT`, ...) is refused: the session would no
+    /// longer know where its transaction stands.
     pub async fn raw_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        refuse_transaction_control(sql)?;
         self.prepare_read().await?;
         self.busy = true;
         let result = self.executor().raw_query(sql, params).await;
@@ -611,7 +635,9 @@ impl Session {
 
     /// Runs one SQL statement written by hand inside the session's
     /// transaction (after an autoflush) and returns how many rows it changed.
+    /// Transaction control is refused, as by [`raw_query`](Session::raw_query).
     pub async fn raw_execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        refuse_transaction_control(sql)?;
         self.prepare_read().await?;
         self.busy = true;
         let result = self.executor().raw_execute(sql, params).await;
@@ -630,6 +656,31 @@ pub(crate) fn unit_of<M: Model>(units: &mut Units) -> &mut TableState<M> {
         .as_any_mut()
         .downcast_mut::<TableState<M>>()
         .expect("units are keyed by their model's TypeId")
+}
+
+/// Statements that would begin or end a transaction behind the session's
+/// back; `SAVEPOINT`, `RELEASE` and `ROLLBACK TO` stay inside it and pass.
+fn refuse_transaction_control(sql: &str) -> Result<()> {
+    let mut words = sql
+        .trim_start_matches(|c: char| c.is_whitespace() || c == '(' || c == ';')
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_uppercase);
+    let first = words.next().unwrap_or_default();
+    let second = words.next().unwrap_or_default();
+    let controls = match first.as_str() {
+        "BEGIN" | "START" | "COMMIT" | "END" | "ABORT" => true,
+        "ROLLBACK" => !matches!(second.as_str(), "TO"),
+        "PREPARE" => second == "TRANSACTION",
+        _ => false,
+    };
+    if controls {
+        return Err(Error::InvalidState(format!(
+            "{first} through raw SQL would leave the session unaware of its transaction; \
+             use session.begin(), commit() or rollback()"
+        )));
+    }
+    Ok(())
 }
 
 /// The first word of the cache key of a get by primary key.

@@ -16,7 +16,8 @@ pub enum ObjectStatus {
     Pending,
     /// In the database and in the session's identity map.
     Persistent,
-    /// Marked for deletion, or deleted by a flush.
+    /// Marked for deletion, or deleted by a flush (and, after the commit,
+    /// for good). Rolling back the flush that deleted it detaches it.
     Deleted,
     /// No longer tracked by a session: after `rollback` or `close`, or a
     /// pending object removed with `delete` before it was inserted.
@@ -174,6 +175,12 @@ impl<M: Model> Tracked<M> {
     /// The object's state in its session.
     pub fn status(&self) -> ObjectStatus {
         self.meta().status
+    }
+
+    /// Whether a commit expired the object: its values may be stale until
+    /// the session loads its row again (`get`, a query, or `refresh`).
+    pub fn is_expired(&self) -> bool {
+        self.meta().expired
     }
 
     /// True when both handles are the same object.

@@ -33,6 +33,9 @@ const ORDINAL: &str = "orm_ordinal";
 pub(crate) trait TableUnit: Send + Sync {
     fn table(&self) -> &'static TableDef;
     fn has_changes(&self) -> bool;
+    /// Refuses changes no statement can carry (a changed primary key, an
+    /// object still borrowed), before a flush sends anything.
+    fn check_changes(&self) -> Result<()>;
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
     fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
     fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
@@ -47,6 +50,9 @@ pub(crate) struct TableState<M: Model> {
     pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>, foldhash::fast::RandomState>,
     pub(crate) new: Vec<Tracked<M>>,
     pub(crate) deleted: Vec<(M::PrimaryKey, Tracked<M>)>,
+    /// Objects whose rows a flush of the open transaction deleted: a
+    /// rollback brings the rows back and detaches these objects.
+    pub(crate) flushed_deletes: Vec<Tracked<M>>,
     /// Raised when a persistent object may have changed; see `Meta::dirty`.
     dirty: Arc<AtomicBool>,
 }
@@ -57,6 +63,7 @@ impl<M: Model> Default for TableState<M> {
             identity: HashMap::default(),
             new: Vec::new(),
             deleted: Vec::new(),
+            flushed_deletes: Vec::new(),
             dirty: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -113,26 +120,31 @@ impl<M: Model> TableState<M> {
     }
 
     /// Changed columns of every persistent object with changes, grouped by
-    /// the set of changed columns, so each group is one UPDATE.
-    fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<Tracked<M>>>> {
+    /// the set of changed columns, so each group is one UPDATE; each object
+    /// with the version its changes were read at.
+    #[allow(clippy::type_complexity)]
+    fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>>> {
         let table = M::TABLE;
-        let mut groups: BTreeMap<Vec<usize>, Vec<Tracked<M>>> = BTreeMap::new();
+        let mut groups: BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>> = BTreeMap::new();
         for (key, tracked) in &self.identity {
             let data = tracked.data()?;
             let Some(loaded) = &data.loaded else { continue };
+            // Read under the lock: a write() needs it, so value and version agree.
+            let version = tracked.version();
             let changed: Vec<usize> = (0..table.columns.len())
                 .filter(|&c| data.value.column_differs(loaded, c) || (data.resend_all && !table.columns[c].primary_key))
                 .collect();
             drop(data);
             if changed.is_empty() {
                 // Borrowed mutably but left as it was: nothing to send. While
-                // the caller still reads it, the check simply runs again later.
+                // the caller still reads it, or changed it since, the check
+                // simply runs again later.
                 match tracked.data_mut() {
-                    Ok(mut data) => {
+                    Ok(mut data) if tracked.version() == version => {
                         data.loaded = None;
                         data.resend_all = false;
                     }
-                    Err(_) => self.dirty.store(true, Ordering::Release),
+                    _ => self.dirty.store(true, Ordering::Release),
                 }
                 continue;
             }
@@ -143,7 +155,7 @@ impl<M: Model> TableState<M> {
                     table.name, table.columns[pk].name
                 )));
             }
-            groups.entry(changed).or_default().push(tracked.clone());
+            groups.entry(changed).or_default().push((tracked.clone(), version));
         }
         Ok(groups)
     }
@@ -605,6 +617,29 @@ impl<M: Model> TableUnit for TableState<M> {
         !self.new.is_empty() || !self.deleted.is_empty() || self.dirty.load(Ordering::Acquire)
     }
 
+    fn check_changes(&self) -> Result<()> {
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let table = M::TABLE;
+        for (key, tracked) in &self.identity {
+            let data = tracked.data()?;
+            let Some(loaded) = &data.loaded else { continue };
+            if let Some(pk) = table
+                .primary_key
+                .iter()
+                .find(|&&c| data.value.column_differs(loaded, c))
+            {
+                return Err(Error::InvalidState(format!(
+                    "the primary key column {}.{} of the object with key {key:?} was changed; \
+                     delete the object and add a new one instead",
+                    table.name, table.columns[*pk].name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if !self.deleted.is_empty() {
@@ -644,7 +679,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 return Ok(());
             }
             for (changed, objects) in self.dirty_groups()? {
-                let versions: Vec<u64> = objects.iter().map(Tracked::version).collect();
+                let (objects, versions): (Vec<Tracked<M>>, Vec<u64>) = objects.into_iter().unzip();
                 let writer = {
                     let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
                     let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
@@ -698,6 +733,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 if let Ok(mut data) = object.data_mut() {
                     data.loaded = None;
                 }
+                self.flushed_deletes.push(object);
             }
             Ok(())
         })
@@ -709,6 +745,8 @@ impl<M: Model> TableUnit for TableState<M> {
                 tracked.meta().expired = true;
             }
         }
+        // Their rows are gone for good; the objects stay Deleted, untracked.
+        self.flushed_deletes.clear();
     }
 
     fn discard(&mut self) {
@@ -721,9 +759,11 @@ impl<M: Model> TableUnit for TableState<M> {
         self.identity.values().for_each(detach);
         self.new.iter().for_each(detach);
         self.deleted.iter().for_each(|(_, t)| detach(t));
+        self.flushed_deletes.iter().for_each(detach);
         self.identity.clear();
         self.new.clear();
         self.deleted.clear();
+        self.flushed_deletes.clear();
         self.dirty.store(false, Ordering::Release);
     }
 

@@ -453,6 +453,91 @@ async fn changing_a_primary_key_is_refused() {
         matches!(&error, Error::InvalidState(m) if m.contains("authors.id")),
         "{error}"
     );
+    // Refused before anything was sent: the transaction is intact, and
+    // putting the key back is enough to go on.
+    author.write().id = 1;
+    author.write().name = "b".into();
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT id || ':' || name FROM authors").await, ["1:b"]);
+}
+
+#[tokio::test]
+async fn rolling_back_a_flushed_delete_detaches_the_object() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.add(Author {
+        id: 1,
+        name: "a".into(),
+    });
+    session.commit().await.unwrap();
+    let author = session.get::<Author>(author.read().id).await.unwrap().unwrap();
+    session.delete(&author).unwrap();
+    session.flush().await.unwrap();
+    assert_eq!(author.status(), ObjectStatus::Deleted);
+    // Deleting it again inside the same transaction changes nothing.
+    session.delete(&author).unwrap();
+    session.rollback().await.unwrap();
+    // The row is back; the object no longer stands for anything here.
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 1);
+    assert_eq!(author.status(), ObjectStatus::Detached);
+    assert!(matches!(session.delete(&author), Err(Error::InvalidState(_))));
+
+    // After a commit the object stays Deleted, and deleting it again is an error.
+    let author = session.get::<Author>(1).await.unwrap().unwrap();
+    session.delete(&author).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(author.status(), ObjectStatus::Deleted);
+    match session.delete(&author) {
+        Err(Error::InvalidState(message)) => assert!(message.contains("deleted"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 0);
+}
+
+#[tokio::test]
+async fn an_autocommit_flush_is_a_commit_and_expires_objects() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).autocommit(true).session();
+    let sandy = session.add(User::new("sandy"));
+    session.flush().await.unwrap();
+    let id = sandy.read().id;
+    db.execute(&format!("UPDATE users SET email = 'changed@elsewhere' WHERE id = {id}"))
+        .await;
+    assert!(sandy.is_expired());
+    let again = session.get::<User>(id).await.unwrap().unwrap();
+    assert!(again.ptr_eq(&sandy));
+    assert!(!sandy.is_expired());
+    assert_eq!(again.read().email.as_deref(), Some("changed@elsewhere"));
+}
+
+#[tokio::test]
+async fn transaction_control_through_raw_sql_is_refused() {
+    let db = setup().await;
+    for autocommit in [false, true] {
+        let mut session = sessionmaker(&db.engine).autocommit(autocommit).session();
+        for sql in ["BEGIN", "  commit", "ROLLBACK", "start transaction", "END;", "abort"] {
+            match session.raw_execute(sql, &[]).await {
+                Err(Error::InvalidState(message)) => assert!(message.contains("session.begin()"), "{message}"),
+                other => panic!("{sql}: expected a refusal, got {other:?}"),
+            }
+        }
+        assert!(!session.in_transaction() || !autocommit);
+    }
+    // Savepoints stay inside the session's transaction and are allowed.
+    let mut session = sessionmaker(&db.engine).session();
+    session.raw_execute("SAVEPOINT before_bob", &[]).await.unwrap();
+    session
+        .raw_execute("INSERT INTO users (name) VALUES ('bob')", &[])
+        .await
+        .unwrap();
+    session
+        .raw_execute("ROLLBACK TO SAVEPOINT before_bob", &[])
+        .await
+        .unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+    let conn = db.engine.connect().await.unwrap();
+    crate::common::assert_outside_transaction(&conn).await;
 }
 
 #[tokio::test]
