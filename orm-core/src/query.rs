@@ -308,6 +308,14 @@ fn equals(left: Expr, right: Expr) -> Expr {
     Expr::Binary(Box::new(left), BinaryOp::Eq, Box::new(right))
 }
 
+/// `left = right`, for a join's `ON`.
+fn columns_equal<N: Model, J: Model, T, U>(left: Column<N, T>, right: Column<J, U>) -> Expr {
+    equals(
+        column_expr(N::TABLE, left.position),
+        column_expr(J::TABLE, right.position),
+    )
+}
+
 /// The `ON` condition of a join of `joined` to a query selecting `selected`,
 /// read from the one foreign key that links `joined` with one of them (in
 /// either direction).
@@ -453,11 +461,7 @@ impl<'s, S: Selection> Query<'s, S> {
         T: ColumnType + Joinable<U>,
         U: ColumnType,
     {
-        let on = equals(
-            column_expr(N::TABLE, left.position),
-            column_expr(J::TABLE, right.position),
-        );
-        self.joined(JoinKind::Inner, J::TABLE, Ok(on))
+        self.joined(JoinKind::Inner, J::TABLE, Ok(columns_equal(left, right)))
     }
 
     /// [`left_join`](Query::left_join) on `left = right`.
@@ -471,11 +475,7 @@ impl<'s, S: Selection> Query<'s, S> {
         T: ColumnType + Joinable<U>,
         U: ColumnType,
     {
-        let on = equals(
-            column_expr(N::TABLE, left.position),
-            column_expr(J::TABLE, right.position),
-        );
-        self.joined(JoinKind::Left, J::TABLE, Ok(on))
+        self.joined(JoinKind::Left, J::TABLE, Ok(columns_equal(left, right)))
     }
 
     /// Keeps rows matching `condition`; several filters are joined with AND.

@@ -358,8 +358,8 @@ impl Session {
         }
         // Refused before anything is sent: the transaction and the session
         // stay as they were, and fixing the object is enough.
-        for unit in self.units.values() {
-            unit.check_changes()?;
+        for unit in self.units.values_mut() {
+            unit.plan_updates()?;
         }
         self.busy = true;
         let result = self.flush_inner().await;

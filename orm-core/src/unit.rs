@@ -33,9 +33,10 @@ const ORDINAL: &str = "orm_ordinal";
 pub(crate) trait TableUnit: Send + Sync {
     fn table(&self) -> &'static TableDef;
     fn has_changes(&self) -> bool;
-    /// Refuses changes no statement can carry (a changed primary key, an
-    /// object still borrowed), before a flush sends anything.
-    fn check_changes(&self) -> Result<()>;
+    /// Works out the updates a flush will send, refusing changes no
+    /// statement can carry (a changed primary key, an object still
+    /// borrowed) before the flush sends anything.
+    fn plan_updates(&mut self) -> Result<()>;
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
     fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
     fn flush_deletes<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>>;
@@ -53,6 +54,9 @@ pub(crate) struct TableState<M: Model> {
     /// Objects whose rows a flush of the open transaction deleted: a
     /// rollback brings the rows back and detaches these objects.
     pub(crate) flushed_deletes: Vec<Tracked<M>>,
+    /// The updates `plan_updates` worked out for the flush under way.
+    #[allow(clippy::type_complexity)]
+    planned_updates: Option<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>>>,
     /// Raised when a persistent object may have changed; see `Meta::dirty`.
     dirty: Arc<AtomicBool>,
 }
@@ -64,6 +68,7 @@ impl<M: Model> Default for TableState<M> {
             new: Vec::new(),
             deleted: Vec::new(),
             flushed_deletes: Vec::new(),
+            planned_updates: None,
             dirty: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -614,37 +619,39 @@ impl<M: Model> TableUnit for TableState<M> {
     }
 
     fn has_changes(&self) -> bool {
-        !self.new.is_empty() || !self.deleted.is_empty() || self.dirty.load(Ordering::Acquire)
+        !self.new.is_empty()
+            || !self.deleted.is_empty()
+            || self.planned_updates.is_some()
+            || self.dirty.load(Ordering::Acquire)
     }
 
-    fn check_changes(&self) -> Result<()> {
-        if !self.dirty.load(Ordering::Acquire) {
+    fn plan_updates(&mut self) -> Result<()> {
+        // A row deleted and added again becomes an update: decided first, so
+        // the plan includes it.
+        if !self.deleted.is_empty() {
+            self.switch_rows()?;
+        }
+        // A plan left by a flush refused further on is simply made again:
+        // its objects still hold their snapshots.
+        let left_over = self.planned_updates.take().is_some();
+        if !self.dirty.swap(false, Ordering::AcqRel) && !left_over {
             return Ok(());
         }
-        let table = M::TABLE;
-        for (key, tracked) in &self.identity {
-            let data = tracked.data()?;
-            let Some(loaded) = &data.loaded else { continue };
-            if let Some(pk) = table
-                .primary_key
-                .iter()
-                .find(|&&c| data.value.column_differs(loaded, c))
-            {
-                return Err(Error::InvalidState(format!(
-                    "the primary key column {}.{} of the object with key {key:?} was changed; \
-                     delete the object and add a new one instead",
-                    table.name, table.columns[*pk].name
-                )));
+        match self.dirty_groups() {
+            Ok(groups) => {
+                self.planned_updates = Some(groups);
+                Ok(())
+            }
+            Err(error) => {
+                // Nothing was taken from the objects: the next flush looks again.
+                self.dirty.store(true, Ordering::Release);
+                Err(error)
             }
         }
-        Ok(())
     }
 
     fn flush_inserts<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            if !self.deleted.is_empty() {
-                self.switch_rows()?;
-            }
             if self.new.is_empty() {
                 return Ok(());
             }
@@ -675,10 +682,10 @@ impl<M: Model> TableUnit for TableState<M> {
     fn flush_updates<'a>(&'a mut self, exec: &'a Executor<'a>, cache: &'a SqlCache) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let table = M::TABLE;
-            if !self.dirty.swap(false, Ordering::AcqRel) {
+            let Some(planned) = self.planned_updates.take() else {
                 return Ok(());
-            }
-            for (changed, objects) in self.dirty_groups()? {
+            };
+            for (changed, objects) in planned {
                 let (objects, versions): (Vec<Tracked<M>>, Vec<u64>) = objects.into_iter().unzip();
                 let writer = {
                     let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
@@ -764,6 +771,7 @@ impl<M: Model> TableUnit for TableState<M> {
         self.new.clear();
         self.deleted.clear();
         self.flushed_deletes.clear();
+        self.planned_updates = None;
         self.dirty.store(false, Ordering::Release);
     }
 

@@ -446,7 +446,10 @@ async fn changing_a_primary_key_is_refused() {
         id: 1,
         name: "a".into(),
     });
+    let sandy = session.add(User::new("sandy"));
     session.flush().await.unwrap();
+    // A legitimate change to another model, planned before the refusal...
+    sandy.write().email = Some("sandy@reef.org".into());
     author.write().id = 2;
     let error = session.flush().await.unwrap_err();
     assert!(
@@ -459,6 +462,8 @@ async fn changing_a_primary_key_is_refused() {
     author.write().name = "b".into();
     session.commit().await.unwrap();
     assert_eq!(db.strings("SELECT id || ':' || name FROM authors").await, ["1:b"]);
+    // ...still reaches the database with the next flush.
+    assert_eq!(db.strings("SELECT email FROM users").await, ["sandy@reef.org"]);
 }
 
 #[tokio::test]
