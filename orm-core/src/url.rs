@@ -557,7 +557,7 @@ mod tests {
         }
         // Encoded, the same passwords parse.
         let url = DatabaseUrl::parse("postgresql://u:pa%3Fss@h/db").unwrap();
-        assert!(url.unmasked().contains("pa%3Fss") || url.unmasked().contains("pa?ss"));
+        assert!(url.unmasked().contains("u:pa%3Fss@h"), "{}", url.unmasked());
         // An '@' in an option's value is fine when no port could be mistaken.
         let url = DatabaseUrl::parse("postgresql://h/db?application_name=me@work").unwrap();
         assert_eq!(url.application_name.as_deref(), Some("me@work"));
