@@ -13,7 +13,7 @@ use crate::session::{unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::Tracked;
 use crate::types::ColumnType;
-use crate::unit::TableState;
+use crate::unit::{merge_known, FreshRows, TableState};
 
 /// A query bound to a session. `S` is what each row yields: a model `M`
 /// (from `session.query::<M>()`), or after each join a pair of what came
@@ -76,9 +76,15 @@ pub trait Selection: 'static {
     /// Borrows the identity maps that rows are merged into, once per query.
     #[doc(hidden)]
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_>;
-    /// Decodes one row and merges it into the identity maps.
+    /// Decodes one row, merges it into the identity maps and appends its
+    /// objects to `out`, or holds them back until [`finish`](Self::finish).
     #[doc(hidden)]
-    fn merge(merger: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output>;
+    fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()>;
+    /// Appends whatever `merge` held back, after the last row.
+    #[doc(hidden)]
+    fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Self::Output>) {
+        let _ = (merger, out);
+    }
     /// Decodes this selection's columns from `offset` on and merges them,
     /// finding each model's identity map in `units`.
     #[doc(hidden)]
@@ -95,15 +101,24 @@ impl std::fmt::Debug for SessionUnits<'_> {
     }
 }
 
-/// One model's identity map, lent to a [`Selection`] while it loads.
+/// One model's identity map, lent to a [`Selection`] while it loads, with
+/// the rows not seen before held back until a block of them can be tracked
+/// with one allocation.
 #[doc(hidden)]
-pub struct IdentityMap<'u, M: Model>(&'u mut TableState<M>);
+pub struct IdentityMap<'u, M: Model> {
+    state: &'u mut TableState<M>,
+    fresh: FreshRows<M>,
+    /// Whether the session held objects of `M` before the load began. If
+    /// not, no row can belong to an object it knew, and a key repeated
+    /// within the load is caught when the rows are tracked.
+    had_objects: bool,
+}
 
 impl<M: Model> std::fmt::Debug for IdentityMap<'_, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdentityMap")
             .field("table", &M::TABLE.name)
-            .field("objects", &self.0.identity.len())
+            .field("objects", &self.state.identity.len())
             .finish()
     }
 }
@@ -126,12 +141,40 @@ impl<M: Model> Selection for M {
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        IdentityMap(unit_of::<M>(units.0))
+        let state = unit_of::<M>(units.0);
+        IdentityMap {
+            had_objects: state.has_objects(),
+            state,
+            fresh: FreshRows::default(),
+        }
     }
 
     #[inline]
-    fn merge(merger: &mut Self::Merger<'_>, row: &Row) -> Result<Tracked<M>> {
-        Ok(merger.0.merge_loaded(M::from_row(row)?))
+    fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Tracked<M>>) -> Result<()> {
+        let value = M::from_row(row)?;
+        let key = value.primary_key();
+        let known = if merger.had_objects {
+            merger.state.known(&key)
+        } else {
+            None
+        };
+        match known {
+            Some(existing) => {
+                // Earlier rows come out first, keeping the rows' order.
+                merger.state.track_fresh(&mut merger.fresh, out);
+                out.push(merge_known(existing, value));
+            }
+            None => {
+                if merger.fresh.push(key, value) {
+                    merger.state.track_fresh(&mut merger.fresh, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Tracked<M>>) {
+        merger.state.track_fresh(&mut merger.fresh, out);
     }
 
     #[inline]
@@ -223,8 +266,9 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
     }
 
     #[inline]
-    fn merge(units: &mut Self::Merger<'_>, row: &Row) -> Result<Self::Output> {
-        Self::merge_at(units, row, 0)
+    fn merge(units: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()> {
+        out.push(Self::merge_at(units, row, 0)?);
+        Ok(())
     }
 
     #[inline]

@@ -177,23 +177,18 @@ impl Session {
     /// handle through which it is read and changed. Values the database
     /// generates (identity keys, server defaults) appear on it after the flush.
     pub fn add<M: Model>(&mut self, object: M) -> Tracked<M> {
-        let tracked = Tracked::new(object, ObjectStatus::Pending, None);
-        self.unit::<M>().new.push(tracked.clone());
+        let unit = self.unit::<M>();
+        let tracked = unit.track(object, ObjectStatus::Pending);
+        unit.new.push(tracked.clone());
         tracked
     }
 
     /// Stages several new objects, keeping their order.
     pub fn add_all<M: Model>(&mut self, objects: impl IntoIterator<Item = M>) -> Vec<Tracked<M>> {
-        let objects = objects.into_iter();
         let unit = self.unit::<M>();
-        unit.new.reserve(objects.size_hint().0);
-        objects
-            .map(|object| {
-                let tracked = Tracked::new(object, ObjectStatus::Pending, None);
-                unit.new.push(tracked.clone());
-                tracked
-            })
-            .collect()
+        let tracked = unit.track_all(objects.into_iter(), ObjectStatus::Pending);
+        unit.new.extend(tracked.iter().cloned());
+        tracked
     }
 
     /// Marks an object for deletion at the next flush. A pending object is
@@ -211,20 +206,25 @@ impl Session {
                         M::TABLE.model
                     )));
                 }
-                object.meta().status = ObjectStatus::Detached;
+                object.meta().set_final_status(ObjectStatus::Detached);
                 Ok(())
             }
             ObjectStatus::Persistent => {
-                let key = unit
-                    .identity
-                    .iter()
-                    .find(|(_, t)| t.ptr_eq(object))
-                    .map(|(key, _)| key.clone())
-                    .ok_or_else(|| {
-                        Error::InvalidState(format!("this {} object belongs to another session", M::TABLE.model))
-                    })?;
+                let key = {
+                    let data = object.data()?;
+                    // The key the row was loaded with, should the caller have edited it.
+                    data.loaded.as_deref().unwrap_or(&data.value).primary_key()
+                };
+                let tracked_here = object.meta().owned_by(&unit.owner)
+                    && unit.identity.get(&key).is_some_and(|existing| existing.ptr_eq(object));
+                if !tracked_here {
+                    return Err(Error::InvalidState(format!(
+                        "this {} object belongs to another session",
+                        M::TABLE.model
+                    )));
+                }
                 unit.identity.remove(&key);
-                object.meta().status = ObjectStatus::Deleted;
+                object.meta().set_status(ObjectStatus::Deleted);
                 unit.deleted.push((key, object.clone()));
                 Ok(())
             }
@@ -481,7 +481,7 @@ impl Session {
         self.check_usable()?;
         let unit = self.unit::<M>();
         if let Some(tracked) = unit.identity.get(&key) {
-            if !tracked.meta().expired {
+            if !tracked.meta().is_expired() {
                 return Ok(Some(tracked.clone()));
             }
         }
@@ -509,7 +509,7 @@ impl Session {
         let key = {
             let data = object.data()?;
             // The key the row was loaded with, should the caller have edited it.
-            data.loaded.as_ref().unwrap_or(&data.value).primary_key()
+            data.loaded.as_deref().unwrap_or(&data.value).primary_key()
         };
         let tracked_here = self
             .unit::<M>()
@@ -524,7 +524,7 @@ impl Session {
             )));
         }
         object.data_mut()?.loaded = None;
-        object.meta().expired = true;
+        object.meta().expire();
         match self.get::<M>(key).await? {
             Some(_) => Ok(()),
             None => Err(Error::NotFound {
@@ -587,10 +587,10 @@ impl Session {
         let mut objects = Vec::new();
         let result = exec
             .for_each_row(&writer.sql, &writer.params, |row| {
-                objects.push(S::merge(&mut merger, &row)?);
-                Ok(())
+                S::merge(&mut merger, &row, &mut objects)
             })
             .await;
+        S::finish(&mut merger, &mut objects);
         // Ends the loan of the identity maps before the session is used again.
         drop(merger);
         self.finish_read(result.map(|()| objects)).await

@@ -28,24 +28,106 @@ pub enum ObjectStatus {
 pub(crate) struct Data<M> {
     pub(crate) value: M,
     /// The last known database state, copied when the object is first
-    /// borrowed mutably; `None` means `value` is the database state.
-    pub(crate) loaded: Option<M>,
+    /// borrowed mutably; `None` means `value` is the database state. Boxed:
+    /// most objects are never changed, and stay half the size.
+    pub(crate) loaded: Option<Box<M>>,
     /// The object changed while a flush's statement for it was in flight, so
     /// which of its values reached the database is unknown: the next flush
     /// sends every column again.
     pub(crate) resend_all: bool,
 }
 
+/// What a session's state for one model shares with every object it
+/// tracks, so that changes to all of them at once (forgetting them at a
+/// rollback, expiring them at a commit) cost one store, not a visit to each.
+#[derive(Debug, Default)]
+pub(crate) struct Owner {
+    /// Raised by `write()` on a persistent object: some object of this model
+    /// may have changed, so a flush need not inspect every clean object.
+    pub(crate) dirty: AtomicBool,
+    /// Raised when the session lets go of its objects (rollback, close, or
+    /// the session dropped): every object it tracked is detached from then.
+    released: AtomicBool,
+    /// Moved on by a commit that expires: objects loaded before it are
+    /// expired. Starts at 1, so that 0 always means expired.
+    epoch: AtomicU64,
+}
+
+impl Owner {
+    pub(crate) fn new() -> Arc<Owner> {
+        Arc::new(Owner {
+            epoch: AtomicU64::new(1),
+            ..Owner::default()
+        })
+    }
+
+    /// Detaches every object tracked under this owner.
+    pub(crate) fn release(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+
+    /// Expires every object tracked under this owner.
+    pub(crate) fn expire_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// The session's bookkeeping, apart from the value so that the session can
 /// update it while the caller holds a borrow of the value.
 pub(crate) struct Meta {
-    pub(crate) status: ObjectStatus,
-    /// Set by `commit` with `expire_on_commit`: the next load of this row
-    /// overwrites the value with fresh database state.
-    pub(crate) expired: bool,
-    /// The session's "some object of this model may have changed" flag,
-    /// raised by `write()`, so a flush need not inspect every clean object.
-    pub(crate) dirty: Option<Arc<AtomicBool>>,
+    status: ObjectStatus,
+    /// The owner's epoch when the value last matched the row; behind the
+    /// owner's epoch means expired (the next load of the row overwrites the
+    /// value with fresh database state).
+    fresh_at: u64,
+    /// The session state tracking the object; `None` once the status no
+    /// longer depends on the session (a delete that was committed).
+    owner: Option<Arc<Owner>>,
+}
+
+impl Meta {
+    /// The status the caller sees: an object whose session let go of its
+    /// objects is detached, whatever it was before.
+    pub(crate) fn status(&self) -> ObjectStatus {
+        match &self.owner {
+            Some(owner) if self.status != ObjectStatus::Detached && owner.released.load(Ordering::Acquire) => {
+                ObjectStatus::Detached
+            }
+            _ => self.status,
+        }
+    }
+
+    pub(crate) fn set_status(&mut self, status: ObjectStatus) {
+        self.status = status;
+    }
+
+    /// Sets a status that stays whatever the session does next.
+    pub(crate) fn set_final_status(&mut self, status: ObjectStatus) {
+        self.status = status;
+        self.owner = None;
+    }
+
+    /// Whether the object is tracked under this owner.
+    pub(crate) fn owned_by(&self, owner: &Arc<Owner>) -> bool {
+        self.owner.as_ref().is_some_and(|own| Arc::ptr_eq(own, owner))
+    }
+
+    pub(crate) fn is_expired(&self) -> bool {
+        self.owner
+            .as_ref()
+            .is_some_and(|owner| self.fresh_at < owner.epoch.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn expire(&mut self) {
+        self.fresh_at = 0;
+    }
+
+    /// The value matches the row again.
+    pub(crate) fn refresh(&mut self) {
+        if let Some(owner) = &self.owner {
+            self.fresh_at = owner.epoch.load(Ordering::Acquire);
+        }
+    }
 }
 
 pub(crate) struct Shared<M> {
@@ -54,6 +136,57 @@ pub(crate) struct Shared<M> {
     /// Counts `write()` borrows, so a flush can tell whether the object
     /// changed between building a statement and marking the object clean.
     version: AtomicU64,
+}
+
+impl<M> Shared<M> {
+    fn new(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Self {
+        Shared {
+            data: RwLock::new(Data {
+                value,
+                loaded: None,
+                resend_all: false,
+            }),
+            version: AtomicU64::new(0),
+            meta: Mutex::new(Meta {
+                status,
+                fresh_at: owner.epoch.load(Ordering::Acquire),
+                owner: Some(Arc::clone(owner)),
+            }),
+        }
+    }
+}
+
+/// Objects are allocated in blocks: one allocation for many rows of a load,
+/// as the values themselves are the only per-row allocations a load should
+/// make.
+type Block<M> = Arc<[Shared<M>]>;
+
+/// The largest block: a handle keeps its whole block alive, so this bounds
+/// how much memory one handle can hold on to.
+pub(crate) const MAX_BLOCK: usize = 64;
+
+/// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block,
+/// returning their handles in order.
+pub(crate) fn track_block<M>(
+    values: std::vec::Drain<'_, M>,
+    status: ObjectStatus,
+    owner: &Arc<Owner>,
+) -> impl Iterator<Item = Tracked<M>> {
+    debug_assert!(values.len() <= MAX_BLOCK);
+    // An exact-size source: the block is allocated once and filled in place.
+    let block: Block<M> = values.map(|value| Shared::new(value, status, owner)).collect();
+    (0..block.len() as u32).map(move |index| Tracked {
+        block: Arc::clone(&block),
+        index,
+    })
+}
+
+/// Tracks one new object, in a block of its own.
+pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Tracked<M> {
+    Tracked {
+        block: Arc::new([Shared::new(value, status, owner)]),
+        index: 0,
+    }
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -65,14 +198,20 @@ pub(crate) struct Shared<M> {
 /// flush and updates only the columns that differ. Drop the guards before
 /// awaiting the session: a flush that must write generated values into an
 /// object still borrowed fails with [`Error::InvalidState`] rather than wait.
+///
+/// The objects of one load are stored in blocks of up to 64 (one
+/// allocation for many rows); a block is freed when the last handle to any
+/// object in it is dropped.
 pub struct Tracked<M> {
-    pub(crate) inner: Arc<Shared<M>>,
+    block: Block<M>,
+    index: u32,
 }
 
 impl<M> Clone for Tracked<M> {
     fn clone(&self) -> Self {
         Tracked {
-            inner: Arc::clone(&self.inner),
+            block: Arc::clone(&self.block),
+            index: self.index,
         }
     }
 }
@@ -81,7 +220,7 @@ impl<M: Model + fmt::Debug> fmt::Debug for Tracked<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("Tracked");
         debug.field("status", &self.status());
-        match self.inner.data.try_read() {
+        match self.shared().data.try_read() {
             Ok(data) => debug.field("value", &data.value),
             Err(_) => debug.field("value", &"<borrowed mutably>"),
         };
@@ -97,33 +236,22 @@ fn borrowed<M: Model>() -> Error {
     ))
 }
 
-impl<M: Model> Tracked<M> {
-    pub(crate) fn new(value: M, status: ObjectStatus, dirty: Option<Arc<AtomicBool>>) -> Self {
-        Tracked {
-            inner: Arc::new(Shared {
-                data: RwLock::new(Data {
-                    value,
-                    loaded: None,
-                    resend_all: false,
-                }),
-                version: AtomicU64::new(0),
-                meta: Mutex::new(Meta {
-                    status,
-                    expired: false,
-                    dirty,
-                }),
-            }),
-        }
+impl<M> Tracked<M> {
+    #[inline]
+    fn shared(&self) -> &Shared<M> {
+        &self.block[self.index as usize]
     }
+}
 
+impl<M: Model> Tracked<M> {
     pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
-        self.inner.meta.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared().meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The value, for the session: fails instead of waiting on a caller's
     /// mutable borrow, which could only be released after the session's call.
     pub(crate) fn data(&self) -> Result<RwLockReadGuard<'_, Data<M>>> {
-        match self.inner.data.try_read() {
+        match self.shared().data.try_read() {
             Ok(guard) => Ok(guard),
             Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
@@ -132,7 +260,7 @@ impl<M: Model> Tracked<M> {
 
     /// The value, mutably, for the session; fails on any caller's borrow.
     pub(crate) fn data_mut(&self) -> Result<RwLockWriteGuard<'_, Data<M>>> {
-        match self.inner.data.try_write() {
+        match self.shared().data.try_write() {
             Ok(guard) => Ok(guard),
             Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
@@ -141,26 +269,27 @@ impl<M: Model> Tracked<M> {
 
     /// How many times the object was borrowed mutably.
     pub(crate) fn version(&self) -> u64 {
-        self.inner.version.load(Ordering::Acquire)
+        self.shared().version.load(Ordering::Acquire)
     }
 
     /// Borrows the object's current value.
     pub fn read(&self) -> TrackedRef<'_, M> {
-        TrackedRef(self.inner.data.read().unwrap_or_else(PoisonError::into_inner))
+        TrackedRef(self.shared().data.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Borrows the object mutably. The session compares it with the last
     /// known database state at the next flush.
     pub fn write(&self) -> TrackedMut<'_, M> {
-        let mut data = self.inner.data.write().unwrap_or_else(PoisonError::into_inner);
-        self.inner.version.fetch_add(1, Ordering::AcqRel);
+        let shared = self.shared();
+        let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
+        shared.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
-        if meta.status == ObjectStatus::Persistent {
+        if meta.status() == ObjectStatus::Persistent {
             if data.loaded.is_none() {
-                data.loaded = Some(data.value.clone());
+                data.loaded = Some(Box::new(data.value.clone()));
             }
-            if let Some(dirty) = &meta.dirty {
-                dirty.store(true, Ordering::Release);
+            if let Some(owner) = &meta.owner {
+                owner.dirty.store(true, Ordering::Release);
             }
         }
         drop(meta);
@@ -174,18 +303,18 @@ impl<M: Model> Tracked<M> {
 
     /// The object's state in its session.
     pub fn status(&self) -> ObjectStatus {
-        self.meta().status
+        self.meta().status()
     }
 
     /// Whether a commit expired the object: its values may be stale until
     /// the session loads its row again (`get`, a query, or `refresh`).
     pub fn is_expired(&self) -> bool {
-        self.meta().expired
+        self.meta().is_expired()
     }
 
     /// True when both handles are the same object.
     pub fn ptr_eq(&self, other: &Tracked<M>) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
+        Arc::ptr_eq(&self.block, &other.block) && self.index == other.index
     }
 }
 

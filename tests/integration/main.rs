@@ -9,3 +9,4 @@ mod joins;
 mod models;
 mod query;
 mod session;
+mod tracking;

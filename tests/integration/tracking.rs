@@ -1,0 +1,145 @@
+//! How loads track objects: blocks of rows, identity across them, and the
+//! states objects take when their session commits, closes or goes away.
+
+use orm::prelude::*;
+
+use crate::common::{test_db, EchoCapture};
+use crate::models::{setup, User};
+
+/// A model over a table without a primary key constraint, so that a
+/// result may repeat a key.
+mod loose {
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub LooseBase);
+
+    #[derive(Model, Debug, Clone, PartialEq)]
+    #[orm(table = "loose_rows", base = LooseBase)]
+    pub struct LooseRow {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+    }
+}
+
+#[tokio::test]
+async fn a_large_load_keeps_row_order_and_meets_known_objects_where_they_fall() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 200) AS i")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let fifth = session.get::<User>(5).await.unwrap().unwrap();
+    let late = session.get::<User>(130).await.unwrap().unwrap();
+    // Changed before the load: the session's object keeps the change.
+    late.write().name = "renamed, not flushed".to_owned();
+
+    let users = session.query::<User>().order_by(User::id).all().await.unwrap();
+    let ids: Vec<i64> = users.iter().map(|u| u.read().id).collect();
+    assert_eq!(ids, (1..=200).collect::<Vec<i64>>(), "the rows' order");
+    assert!(users[4].ptr_eq(&fifth));
+    assert!(users[129].ptr_eq(&late));
+    assert_eq!(late.read().name, "renamed, not flushed");
+    assert_eq!(users[130].read().name, "user 131");
+    for pair in users.windows(2) {
+        assert!(!pair[0].ptr_eq(&pair[1]), "one object per row");
+    }
+
+    // Every loaded object is in the identity map: no query for any of them.
+    let echo = EchoCapture::start();
+    for user in &users {
+        let id = user.read().id;
+        assert!(session.get::<User>(id).await.unwrap().unwrap().ptr_eq(user));
+    }
+    assert!(echo.take().is_empty(), "answered from the identity map");
+
+    // A second load gives the same objects again.
+    let again = session.query::<User>().order_by(User::id).all().await.unwrap();
+    assert!(again.iter().zip(&users).all(|(a, b)| a.ptr_eq(b)));
+
+    // Changes to objects of a block reach the database like any other.
+    users[70].write().email = Some("seventy-one@example.com".to_owned());
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT name || ' ' || email FROM users WHERE email IS NOT NULL")
+            .await,
+        ["user 71 seventy-one@example.com"]
+    );
+    assert_eq!(
+        db.strings("SELECT name FROM users WHERE id = 130").await,
+        ["renamed, not flushed"]
+    );
+}
+
+#[tokio::test]
+async fn rows_repeating_a_key_in_one_load_are_one_object() {
+    let db = test_db().await;
+    db.execute(
+        "CREATE TABLE loose_rows (id bigint, name text); \
+         INSERT INTO loose_rows VALUES (1, 'a'), (1, 'a'), (2, 'b'), (1, 'a')",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let rows = session
+        .query::<loose::LooseRow>()
+        .order_by(loose::LooseRow::name)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].ptr_eq(&rows[1]) && rows[1].ptr_eq(&rows[2]));
+    assert!(!rows[0].ptr_eq(&rows[3]));
+    assert_eq!(rows[3].read().name, "b");
+}
+
+#[tokio::test]
+async fn a_dropped_session_detaches_its_objects_but_a_committed_delete_stays_deleted() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('kept'), ('gone')").await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users = session.query::<User>().order_by(User::id).all().await.unwrap();
+    let (kept, gone) = (users[0].clone(), users[1].clone());
+    let added = session.add(User::new("added"));
+    session.delete(&gone).unwrap();
+    session.flush().await.unwrap();
+    session.commit().await.unwrap();
+    let pending = session.add(User::new("never flushed"));
+    assert_eq!(kept.status(), ObjectStatus::Persistent);
+    assert_eq!(gone.status(), ObjectStatus::Deleted);
+
+    drop(session);
+    assert_eq!(kept.status(), ObjectStatus::Detached);
+    assert_eq!(added.status(), ObjectStatus::Detached);
+    assert_eq!(pending.status(), ObjectStatus::Detached);
+    assert_eq!(gone.status(), ObjectStatus::Deleted, "its row is gone for good");
+    // A detached object no longer records changes for anyone.
+    kept.write().name = "changed after the session".to_owned();
+    assert_eq!(db.strings("SELECT name FROM users").await, ["kept", "added"]);
+}
+
+#[tokio::test]
+async fn a_commit_expires_what_was_loaded_before_it_and_nothing_loaded_after() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('before'), ('after')")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let before = session.get::<User>(1).await.unwrap().unwrap();
+    assert!(!before.is_expired());
+    session.commit().await.unwrap();
+    assert!(before.is_expired());
+
+    let after = session.get::<User>(2).await.unwrap().unwrap();
+    assert!(!after.is_expired(), "loaded after the commit");
+    assert!(before.is_expired(), "still expired until loaded again");
+    db.execute("UPDATE users SET email = 'fresh@example.com' WHERE id = 1")
+        .await;
+    let reloaded = session.get::<User>(1).await.unwrap().unwrap();
+    assert!(reloaded.ptr_eq(&before));
+    assert!(!before.is_expired());
+    assert_eq!(before.read().email.as_deref(), Some("fresh@example.com"));
+
+    // The next commit expires both again; a new session's objects are fresh.
+    session.commit().await.unwrap();
+    assert!(before.is_expired() && after.is_expired());
+    let mut other = sessionmaker(&db.engine).session();
+    assert!(!other.get::<User>(1).await.unwrap().unwrap().is_expired());
+}
