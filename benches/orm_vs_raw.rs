@@ -303,6 +303,43 @@ impl Bench {
             raw,
             "raw: query_raw, decoded as rows arrive",
         );
+
+        // The same rows as plain values, untracked: what Diesel or SeaORM
+        // return, without an identity map.
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    let users = session.query::<User>().values().await.unwrap();
+                    assert_eq!(users.len(), rows);
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
+                timed(async {
+                    let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
+                    let mut stream = pin!(stream);
+                    let mut users: Vec<User> = Vec::new();
+                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                        users.push(user_from_row(&row));
+                    }
+                    assert_eq!(users.len(), rows);
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("select all, {rows} rows, as values()"),
+            orm,
+            raw,
+            "untracked; raw: query_raw, decoded as rows arrive",
+        );
     }
 
     async fn get_by_primary_key(&mut self, lookups: i64) {

@@ -46,6 +46,8 @@ pub struct Query<'s, S> {
 pub trait Selection: 'static {
     /// The loaded value: `Tracked<M>`, or nested pairs of them.
     type Output: Send;
+    /// The row as plain values, untracked: `M`, or nested pairs of them.
+    type Value: Send;
     #[doc(hidden)]
     type Merger<'u>: Send;
     /// The table the query selects `FROM`.
@@ -89,6 +91,9 @@ pub trait Selection: 'static {
     /// finding each model's identity map in `units`.
     #[doc(hidden)]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
+    /// Decodes this selection's columns from `offset` on, untracked.
+    #[doc(hidden)]
+    fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
 }
 
 /// The session's units of work, lent to a [`Selection`] while it loads.
@@ -125,6 +130,7 @@ impl<M: Model> std::fmt::Debug for IdentityMap<'_, M> {
 
 impl<M: Model> Selection for M {
     type Output = Tracked<M>;
+    type Value = M;
     // One model: its identity map is found once per query, not per row.
     type Merger<'u> = IdentityMap<'u, M>;
 
@@ -181,6 +187,11 @@ impl<M: Model> Selection for M {
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<M>> {
         Ok(unit_of::<M>(units.0).merge_loaded(M::from_row_at(row, offset)?))
     }
+
+    #[inline]
+    fn decode_at(row: &Row, offset: usize) -> Result<M> {
+        M::from_row_at(row, offset)
+    }
 }
 
 /// The right-hand side of a join: a model `B` (inner join: always there)
@@ -190,18 +201,29 @@ pub trait Joined: 'static {
     type Model: Model;
     /// What each row yields for it.
     type Output: Send;
+    /// What each row yields for it as a plain value, untracked.
+    type Value: Send;
     /// Decodes the model's columns from `offset` on and merges them.
     #[doc(hidden)]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
+    /// Decodes the model's columns from `offset` on, untracked.
+    #[doc(hidden)]
+    fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
 }
 
 impl<B: Model> Joined for B {
     type Model = B;
     type Output = Tracked<B>;
+    type Value = B;
 
     #[inline]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<B>> {
         <B as Selection>::merge_at(units, row, offset)
+    }
+
+    #[inline]
+    fn decode_at(row: &Row, offset: usize) -> Result<B> {
+        B::from_row_at(row, offset)
     }
 }
 
@@ -218,25 +240,39 @@ impl<'a> FromSql<'a> for AnyValue {
     }
 }
 
+/// Whether a left join found a `B` for this row. A primary key is never
+/// NULL, so a NULL key means the join found no row. Every derived model has
+/// a key; `joined` refuses others.
+fn left_matched<B: Model>(row: &Row, offset: usize) -> Result<bool> {
+    let key_column = B::TABLE.primary_key.first().copied().unwrap_or(0);
+    Ok(row
+        .try_get::<_, Option<AnyValue>>(offset + key_column)
+        .map_err(|source| Error::TypeMismatch {
+            table: B::TABLE.name.to_owned(),
+            column: B::TABLE.columns.get(key_column).map_or("?", |c| c.name).to_owned(),
+            source,
+        })?
+        .is_some())
+}
+
 impl<B: Model> Joined for Option<B> {
     type Model = B;
     type Output = Option<Tracked<B>>;
+    type Value = Option<B>;
 
     #[inline]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Option<Tracked<B>>> {
-        // A primary key is never NULL, so a NULL key means the join found no
-        // row. Every derived model has a key; `joined` refuses others.
-        let key_column = B::TABLE.primary_key.first().copied().unwrap_or(0);
-        let matched = row
-            .try_get::<_, Option<AnyValue>>(offset + key_column)
-            .map_err(|source| Error::TypeMismatch {
-                table: B::TABLE.name.to_owned(),
-                column: B::TABLE.columns.get(key_column).map_or("?", |c| c.name).to_owned(),
-                source,
-            })?
-            .is_some();
-        if matched {
+        if left_matched::<B>(row, offset)? {
             Ok(Some(<B as Selection>::merge_at(units, row, offset)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    #[inline]
+    fn decode_at(row: &Row, offset: usize) -> Result<Option<B>> {
+        if left_matched::<B>(row, offset)? {
+            Ok(Some(B::from_row_at(row, offset)?))
         } else {
             Ok(None)
         }
@@ -245,6 +281,7 @@ impl<B: Model> Joined for Option<B> {
 
 impl<S: Selection, J: Joined> Selection for (S, J) {
     type Output = (S::Output, J::Output);
+    type Value = (S::Value, J::Value);
     // Several models: each row finds each model's map, one probe apiece.
     type Merger<'u> = SessionUnits<'u>;
 
@@ -276,6 +313,11 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
         let left = S::merge_at(units, row, offset)?;
         let right = J::merge_at(units, row, offset + S::width())?;
         Ok((left, right))
+    }
+
+    #[inline]
+    fn decode_at(row: &Row, offset: usize) -> Result<Self::Value> {
+        Ok((S::decode_at(row, offset)?, J::decode_at(row, offset + S::width())?))
     }
 }
 
@@ -412,15 +454,6 @@ impl<'s, M: Model> Query<'s, M> {
             invalid: None,
             _selection: PhantomData,
         }
-    }
-
-    /// Runs the query and hands each object to `on_object` as its row
-    /// arrives, without tracking it: no identity map entry, no list of all
-    /// results. For result sets too large to hold; memory stays flat
-    /// however many rows come back. Changes to these objects are not saved.
-    pub async fn for_each(self, on_object: impl FnMut(M) -> Result<()>) -> Result<()> {
-        let (session, statement) = self.statement(None)?;
-        session.stream::<M>(statement, on_object).await
     }
 }
 
@@ -596,6 +629,33 @@ impl<'s, S: Selection> Query<'s, S> {
     pub async fn all(self) -> Result<Vec<S::Output>> {
         let (session, statement) = self.statement(None)?;
         session.load::<S>(statement).await
+    }
+
+    /// Every matching row as plain values, not tracked by the session: no
+    /// identity map entry, no change tracking, so it costs what decoding the
+    /// rows by hand costs. For read-only work (rendering, serializing,
+    /// reports). Changes to these values reach no database; load with
+    /// [`all`](Query::all) to change rows.
+    pub async fn values(self) -> Result<Vec<S::Value>> {
+        let (session, statement) = self.statement(None)?;
+        let mut values = Vec::new();
+        session
+            .stream(statement, |row| {
+                values.push(S::decode_at(row, 0)?);
+                Ok(())
+            })
+            .await?;
+        Ok(values)
+    }
+
+    /// Runs the query and hands each row's values to `on_value` as the row
+    /// arrives, untracked as with [`values`](Query::values), and without a
+    /// list of all results. For result sets too large to hold; memory stays
+    /// flat however many rows come back. Changes to these values are not
+    /// saved.
+    pub async fn for_each(self, mut on_value: impl FnMut(S::Value) -> Result<()>) -> Result<()> {
+        let (session, statement) = self.statement(None)?;
+        session.stream(statement, |row| on_value(S::decode_at(row, 0)?)).await
     }
 
     /// The first matching row, or `None`.

@@ -596,18 +596,18 @@ impl Session {
         self.finish_read(result.map(|()| objects)).await
     }
 
-    /// Runs a select of `M`'s columns and hands each decoded row to `on_object`.
-    pub(crate) async fn stream<M: Model>(
+    /// Runs a select and hands each row to `on_row` as it arrives.
+    pub(crate) async fn stream(
         &mut self,
         statement: SelectStatement,
-        mut on_object: impl FnMut(M) -> Result<()>,
+        mut on_row: impl FnMut(&Row) -> Result<()>,
     ) -> Result<()> {
         self.prepare_read().await?;
         let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
         let result = self
             .executor()
-            .for_each_row(&writer.sql, &writer.params, |row| on_object(M::from_row(&row)?))
+            .for_each_row(&writer.sql, &writer.params, |row| on_row(&row))
             .await;
         self.finish_read(result).await
     }

@@ -4,7 +4,7 @@
 use orm::prelude::*;
 
 use crate::common::{test_db, EchoCapture};
-use crate::models::{setup, User};
+use crate::models::{setup, Post, User};
 
 /// A model over a table without a primary key constraint, so that a
 /// result may repeat a key.
@@ -142,4 +142,94 @@ async fn a_commit_expires_what_was_loaded_before_it_and_nothing_loaded_after() {
     assert!(before.is_expired() && after.is_expired());
     let mut other = sessionmaker(&db.engine).session();
     assert!(!other.get::<User>(1).await.unwrap().unwrap().is_expired());
+}
+
+#[tokio::test]
+async fn values_are_plain_rows_that_the_session_does_not_track() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name, email) VALUES ('sandy', 'sandy@example.com'), ('patrick', NULL)")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    // Autoflush first, as for every query: the pending object is a row.
+    session.add(User::new("gary"));
+    let users: Vec<User> = session.query::<User>().order_by(User::id).values().await.unwrap();
+    let names: Vec<&str> = users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["sandy", "patrick", "gary"]);
+    assert_eq!(users[0].email.as_deref(), Some("sandy@example.com"));
+    assert_eq!(users[1].role.as_deref(), Some("member"), "server defaults as stored");
+
+    // Nothing entered the identity map: a get needs a query.
+    let echo = EchoCapture::start();
+    let sandy = session.get::<User>(users[0].id).await.unwrap().unwrap();
+    assert_eq!(echo.take().len(), 1, "loaded by a query");
+    // Tracked objects and values are independent: values show the rows as
+    // they were read, and changing a value sends nothing.
+    sandy.write().name = "sandy cheeks".to_owned();
+    let mut value = session
+        .query::<User>()
+        .filter(User::name.eq("sandy cheeks"))
+        .values()
+        .await
+        .unwrap();
+    assert_eq!(value.len(), 1, "the autoflush sent the change");
+    value[0].name = "changed as a value".to_owned();
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT name FROM users ORDER BY id").await,
+        ["sandy cheeks", "patrick", "gary"]
+    );
+}
+
+#[tokio::test]
+async fn values_and_for_each_work_on_joins() {
+    let db = setup().await;
+    db.execute(
+        "INSERT INTO users (name) VALUES ('sandy'), ('gary'); \
+         INSERT INTO posts (user_id, title, score) VALUES (1, 'acorns', 3), (1, 'karate', 9.5)",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let rows: Vec<(User, Option<Post>)> = session
+        .query::<User>()
+        .left_join::<Post>()
+        .order_by(User::id)
+        .order_by(Post::id)
+        .values()
+        .await
+        .unwrap();
+    let shown: Vec<(&str, Option<&str>)> = rows
+        .iter()
+        .map(|(user, post)| (user.name.as_str(), post.as_ref().map(|p| p.title.as_str())))
+        .collect();
+    assert_eq!(
+        shown,
+        [("sandy", Some("acorns")), ("sandy", Some("karate")), ("gary", None)]
+    );
+
+    let mut streamed = Vec::new();
+    session
+        .query::<User>()
+        .join::<Post>()
+        .filter(Post::score.gt(5.0))
+        .for_each(|(user, post)| {
+            streamed.push(format!("{} {}", user.name, post.title));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(streamed, ["sandy karate"]);
+}
+
+#[tokio::test]
+async fn values_of_a_column_of_another_type_are_a_type_mismatch_naming_it() {
+    let db = test_db().await;
+    db.execute("CREATE TABLE loose_rows (id bigint, name integer); INSERT INTO loose_rows VALUES (1, 42)")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    match session.query::<loose::LooseRow>().values().await.unwrap_err() {
+        Error::TypeMismatch { table, column, .. } => {
+            assert_eq!((table.as_str(), column.as_str()), ("loose_rows", "name"))
+        }
+        other => panic!("expected a type mismatch, got {other:?}"),
+    }
 }
