@@ -289,23 +289,23 @@ pub trait Dialect: Send + Sync {
     /// Renders the reservation of identity values: PostgreSQL's form, which
     /// reads the column's sequence once and calls `nextval` once per value.
     fn prepare_reserve_keys(&self, w: &mut SqlWriter, _stmt: &ReserveKeysStatement) {
-        // MATERIALIZED keeps the planner from inlining the lookup of the
-        // sequence into every row, which made it several times slower. A
-        // sequence the role may not take values from yields no row, and so
-        // a NULL array.
-        w.sql
-            .push_str("WITH \"s\" AS MATERIALIZED (SELECT \"q\".\"seq\" FROM (SELECT pg_get_serial_sequence(");
+        // The sequence is looked up once, in a subquery that OFFSET 0 keeps
+        // the planner from inlining into every row (which made it several
+        // times slower). A sequence the role may not take values from gives
+        // NULL, and no value is taken. One array rather than a row per key:
+        // far less to decode. generate_series in the select list streams its
+        // rows; in FROM it would collect them all first.
+        w.sql.push_str(
+            "SELECT CASE WHEN has_sequence_privilege(\"q\".\"seq\", 'USAGE, UPDATE') \
+             THEN ARRAY(SELECT nextval(\"q\".\"seq\") FROM (SELECT generate_series(1, \"q\".\"n\")) AS \"g\") END \
+             FROM (SELECT pg_get_serial_sequence(",
+        );
         self.prepare_param(w);
         w.sql.push_str(", ");
         self.prepare_param(w);
-        w.sql.push_str(
-            ")::regclass AS \"seq\") AS \"q\" WHERE has_sequence_privilege(\"q\".\"seq\", 'USAGE, UPDATE')) ",
-        );
-        // One array rather than a row per key: far less to decode.
-        w.sql
-            .push_str("SELECT array_agg(nextval(\"s\".\"seq\")) FROM \"s\" CROSS JOIN generate_series(1, ");
+        w.sql.push_str(")::regclass AS \"seq\", ");
         self.prepare_param(w);
-        w.sql.push_str("::bigint)");
+        w.sql.push_str("::bigint AS \"n\" OFFSET 0) AS \"q\"");
     }
 
     /// Renders a `DELETE`.
