@@ -59,6 +59,11 @@ pub fn column_value<T: ColumnType>(value: &T) -> &(dyn tokio_postgres::types::To
     value
 }
 
+/// One field's value, cloned into a bind parameter.
+pub fn column_param<T: ColumnType>(value: &T) -> crate::types::Param {
+    Box::new(value.clone())
+}
+
 /// Reached only if generated code and its table description disagree.
 pub fn no_such_column(table: &TableDef, column: usize) -> ! {
     panic!(

@@ -144,6 +144,9 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// One column of many objects, as an array bind parameter.
     fn column_array(objects: &[&Self], column: usize) -> Param;
 
+    /// One column's value, as a bind parameter of its own.
+    fn column_param(&self, column: usize) -> Param;
+
     /// Copies one column's value from `other`.
     fn copy_column(&mut self, other: &Self, column: usize);
 

@@ -303,15 +303,30 @@ impl<M: Model> TableState<M> {
             }
         }
 
-        let source = {
+        let source = if let [object] = objects.as_slice() {
+            // One object: a VALUES row, which PostgreSQL plans and runs
+            // faster than unnest (a third faster right after the table's
+            // plans were invalidated).
+            let data = object.data()?;
+            InsertSource::Values(
+                explicit
+                    .iter()
+                    .map(|&c| {
+                        let column = &table.columns[c];
+                        let scalar_type = column.array_type.strip_suffix("[]").unwrap_or(column.array_type);
+                        (ParamValue::new(data.value.column_param(c)), scalar_type)
+                    })
+                    .collect(),
+            )
+        } else {
             let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
             let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
-            unnest(&values, &explicit, identity.is_some())
+            InsertSource::Unnest(unnest(&values, &explicit, identity.is_some()))
         };
         let writer = InsertStatement {
             table: table.name,
-            columns: source.columns.clone(),
-            source: InsertSource::Unnest(source),
+            columns: explicit.iter().map(|&c| table.columns[c].name).collect(),
+            source,
             returning: returning_names,
         }
         .cached(cache);

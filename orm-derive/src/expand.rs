@@ -195,6 +195,12 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let as_value = quote_spanned!(ty.span()=> #krate::__private::column_value::<#ty>);
         quote!(#position => #as_value(&self.#field),)
     });
+    let param_arms = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        let ty = column.ty;
+        let as_param = quote_spanned!(ty.span()=> #krate::__private::column_param::<#ty>);
+        quote!(#position => #as_param(&self.#field),)
+    });
     let copy_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
         quote!(#position => self.#field = ::core::clone::Clone::clone(&other.#field),)
@@ -274,6 +280,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             fn column_array(objects: &[&Self], column: usize) -> #krate::Param {
                 match column {
                     #(#array_arms)*
+                    _ => #krate::__private::no_such_column(<Self as #krate::Model>::TABLE, column),
+                }
+            }
+
+            fn column_param(&self, column: usize) -> #krate::Param {
+                match column {
+                    #(#param_arms)*
                     _ => #krate::__private::no_such_column(<Self as #krate::Model>::TABLE, column),
                 }
             }

@@ -38,6 +38,58 @@ async fn add_and_commit_assigns_keys_and_server_defaults() {
 }
 
 #[tokio::test]
+async fn a_lone_new_object_is_one_values_row_and_several_are_one_unnest() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.add(User::new("sandy"));
+    let echo = EchoCapture::start();
+    session.flush().await.unwrap();
+    let inserts: Vec<String> = echo.take().into_iter().filter(|s| s.starts_with("INSERT")).collect();
+    assert_eq!(
+        inserts,
+        [r#"INSERT INTO "users" ("name", "email") VALUES ($1::text, $2::text) RETURNING "id", "active", "role""#]
+    );
+    assert!(sandy.read().id > 0);
+    assert_eq!(
+        sandy.read().role.as_deref(),
+        Some("member"),
+        "the server default came back"
+    );
+
+    let pair = session.add_all([User::new("patrick"), User::new("gary")]);
+    let echo = EchoCapture::start();
+    session.flush().await.unwrap();
+    let inserts: Vec<String> = echo.take().into_iter().filter(|s| s.starts_with("INSERT")).collect();
+    assert_eq!(inserts.len(), 1);
+    assert!(inserts[0].contains("FROM unnest("), "{inserts:?}");
+    assert!(pair[0].read().id < pair[1].read().id);
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT name || ':' || role FROM users ORDER BY id").await,
+        ["sandy:member", "patrick:member", "gary:member"]
+    );
+}
+
+#[tokio::test]
+async fn a_value_too_long_for_its_column_is_refused_alone_or_in_a_batch_never_cut() {
+    let db = setup().await;
+    let too_long = "x".repeat(51);
+    for batch in [1, 2] {
+        let mut session = sessionmaker(&db.engine).session();
+        session.add_all((0..batch).map(|i| User::new(&format!("{too_long}{i}"))));
+        match session.commit().await.unwrap_err() {
+            Error::Database { code, message, .. } => {
+                assert_eq!(code.as_deref(), Some("22001"), "{message}");
+                assert!(message.contains("character varying(50)"), "{message}");
+            }
+            other => panic!("expected the server's refusal, got {other:?}"),
+        }
+        session.rollback().await.unwrap();
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
 async fn one_flush_batches_each_table_into_one_insert_and_matches_keys() {
     let db = setup().await;
     let mut session = sessionmaker(&db.engine).session();

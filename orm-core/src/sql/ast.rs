@@ -156,6 +156,9 @@ pub enum InsertSource {
     DefaultValues,
     /// `SELECT alias.columns FROM unnest(...) ... [ORDER BY ordinality]`.
     Unnest(UnnestSource),
+    /// `VALUES ($1::type, ...)`: one row, a parameter per column, each cast
+    /// to its PostgreSQL type as the arrays of `Unnest` are.
+    Values(Vec<(ParamValue, &'static str)>),
 }
 
 /// `INSERT INTO table (columns) source [RETURNING ...]`.

@@ -220,6 +220,20 @@ pub trait Dialect: Send + Sync {
         self.quote_identifier(&mut w.sql, stmt.table);
         match &stmt.source {
             InsertSource::DefaultValues => w.sql.push_str(" DEFAULT VALUES"),
+            InsertSource::Values(values) => {
+                w.sql.push_str(" (");
+                self.prepare_identifier_list(&mut w.sql, &stmt.columns);
+                w.sql.push_str(") VALUES (");
+                for (i, (_, value_type)) in values.iter().enumerate() {
+                    if i > 0 {
+                        w.sql.push_str(", ");
+                    }
+                    self.prepare_param(w);
+                    w.sql.push_str("::");
+                    w.sql.push_str(value_type);
+                }
+                w.sql.push(')');
+            }
             InsertSource::Unnest(source) => {
                 w.sql.push_str(" (");
                 self.prepare_identifier_list(&mut w.sql, &stmt.columns);

@@ -187,6 +187,14 @@ pub(super) fn collect_insert(stmt: &mut InsertStatement, shape: &mut Shape, para
     shape.names(columns);
     match source {
         InsertSource::DefaultValues => shape.tag(0),
+        InsertSource::Values(values) => {
+            shape.tag(2);
+            shape.count(values.len());
+            for (value, value_type) in values.iter_mut() {
+                shape.name(value_type);
+                params.push(value.take());
+            }
+        }
         InsertSource::Unnest(source) => {
             shape.tag(1);
             collect_unnest(&mut Some(source), shape, params);
