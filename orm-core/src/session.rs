@@ -210,19 +210,26 @@ impl Session {
                 Ok(())
             }
             ObjectStatus::Persistent => {
-                let key = {
-                    let data = object.data()?;
-                    // The key the row was loaded with, should the caller have edited it.
-                    data.loaded.as_deref().unwrap_or(&data.value).primary_key()
+                let key = match object.data() {
+                    Ok(data) => {
+                        // The key the row was loaded with, should the caller have edited it.
+                        let key = data.loaded.as_deref().unwrap_or(&data.value).primary_key();
+                        drop(data);
+                        unit.identity
+                            .get(&key)
+                            .is_some_and(|existing| existing.ptr_eq(object))
+                            .then_some(key)
+                    }
+                    // Borrowed mutably, by the caller perhaps: found by handle instead.
+                    Err(_) => unit
+                        .identity
+                        .iter()
+                        .find(|(_, existing)| existing.ptr_eq(object))
+                        .map(|(key, _)| key.clone()),
                 };
-                let tracked_here = object.meta().owned_by(&unit.owner)
-                    && unit.identity.get(&key).is_some_and(|existing| existing.ptr_eq(object));
-                if !tracked_here {
-                    return Err(Error::InvalidState(format!(
-                        "this {} object belongs to another session",
-                        M::TABLE.model
-                    )));
-                }
+                let key = key.ok_or_else(|| {
+                    Error::InvalidState(format!("this {} object belongs to another session", M::TABLE.model))
+                })?;
                 unit.identity.remove(&key);
                 object.meta().set_status(ObjectStatus::Deleted);
                 unit.deleted.push((key, object.clone()));

@@ -107,11 +107,6 @@ impl Meta {
         self.owner = None;
     }
 
-    /// Whether the object is tracked under this owner.
-    pub(crate) fn owned_by(&self, owner: &Arc<Owner>) -> bool {
-        self.owner.as_ref().is_some_and(|own| Arc::ptr_eq(own, owner))
-    }
-
     pub(crate) fn is_expired(&self) -> bool {
         self.owner
             .as_ref()

@@ -303,7 +303,12 @@ impl<M: Model> TableState<M> {
             }
         }
 
-        let source = if let [object] = objects.as_slice() {
+        // The type of each value, from its array type ("text[]" gives "text").
+        let scalar_types: Option<Vec<&'static str>> = explicit
+            .iter()
+            .map(|&c| table.columns[c].array_type.strip_suffix("[]"))
+            .collect();
+        let source = if let ([object], Some(scalar_types)) = (objects.as_slice(), scalar_types) {
             // One object: a VALUES row, which PostgreSQL plans and runs
             // faster than unnest (a third faster right after the table's
             // plans were invalidated).
@@ -311,11 +316,8 @@ impl<M: Model> TableState<M> {
             InsertSource::Values(
                 explicit
                     .iter()
-                    .map(|&c| {
-                        let column = &table.columns[c];
-                        let scalar_type = column.array_type.strip_suffix("[]").unwrap_or(column.array_type);
-                        (ParamValue::new(data.value.column_param(c)), scalar_type)
-                    })
+                    .zip(scalar_types)
+                    .map(|(&c, scalar_type)| (ParamValue::new(data.value.column_param(c)), scalar_type))
                     .collect(),
             )
         } else {
