@@ -267,79 +267,56 @@ impl Bench {
         self.fill_users(rows).await;
         let statement = self.prepare("SELECT id, name, email, age FROM users").await;
         let (sessions, engine) = (&self.readers, &self.engine);
-        let (orm, raw) = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
-                    let users = session.query::<User>().all().await.unwrap();
-                    assert_eq!(users.len(), rows);
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
-                    // The fastest hand-written form: rows decoded as they
-                    // arrive, never collected into a Vec<Row> first.
-                    let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
-                    let mut stream = pin!(stream);
-                    let mut users: Vec<User> = Vec::new();
-                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
-                        users.push(user_from_row(&row));
-                    }
-                    assert_eq!(users.len(), rows);
-                })
-                .await
-            },
-        )
-        .await;
-        self.report.add(
-            &format!("select all, {rows} rows"),
-            orm,
-            raw,
-            "raw: query_raw, decoded as rows arrive",
-        );
-
-        // The same rows as plain values, untracked: what Diesel or SeaORM
-        // return, without an identity map.
-        let (orm, raw) = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
-                    let users = session.query::<User>().values().await.unwrap();
-                    assert_eq!(users.len(), rows);
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
-                    let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
-                    let mut stream = pin!(stream);
-                    let mut users: Vec<User> = Vec::new();
-                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
-                        users.push(user_from_row(&row));
-                    }
-                    assert_eq!(users.len(), rows);
-                })
-                .await
-            },
-        )
-        .await;
-        self.report.add(
-            &format!("select all, {rows} rows, as values()"),
-            orm,
-            raw,
-            "untracked; raw: query_raw, decoded as rows arrive",
-        );
+        // Tracked objects (identity map, change tracking), then the same rows
+        // as plain values, untracked: what Diesel or SeaORM return.
+        for tracked in [true, false] {
+            let (orm, raw) = compare(
+                &self.config,
+                || async {},
+                || async {
+                    timed(async {
+                        let mut session = sessions.session();
+                        let loaded = if tracked {
+                            session.query::<User>().all().await.unwrap().len()
+                        } else {
+                            session.query::<User>().values().await.unwrap().len()
+                        };
+                        assert_eq!(loaded, rows);
+                        session.close().await.unwrap();
+                    })
+                    .await
+                },
+                || async {
+                    let conn = engine.connect().await.unwrap();
+                    let raw = conn.client();
+                    timed(async {
+                        // The fastest hand-written form: rows decoded as they
+                        // arrive, never collected into a Vec<Row> first.
+                        let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
+                        let mut stream = pin!(stream);
+                        let mut users: Vec<User> = Vec::new();
+                        while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                            users.push(user_from_row(&row));
+                        }
+                        assert_eq!(users.len(), rows);
+                    })
+                    .await
+                },
+            )
+            .await;
+            let (workload, note) = if tracked {
+                (
+                    format!("select all, {rows} rows"),
+                    "raw: query_raw, decoded as rows arrive",
+                )
+            } else {
+                (
+                    format!("select all, {rows} rows, as values()"),
+                    "untracked; raw: query_raw, decoded as rows arrive",
+                )
+            };
+            self.report.add(&workload, orm, raw, note);
+        }
     }
 
     async fn get_by_primary_key(&mut self, lookups: i64) {
