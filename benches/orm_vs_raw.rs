@@ -214,6 +214,27 @@ where
     (median(orm_samples), median(raw_samples))
 }
 
+/// Streams rows of (id, name, email, age) into `table` by binary COPY, as
+/// a hand-written program would with tokio-postgres' writer.
+async fn copy_users<'a>(
+    raw: &orm::tokio_postgres::Client,
+    table: &str,
+    rows: impl Iterator<Item = [&'a (dyn ToSql + Sync); 4]>,
+) {
+    let sink = raw
+        .copy_in(&format!("COPY {table} (id, name, email, age) FROM STDIN BINARY"))
+        .await
+        .unwrap();
+    let mut writer = pin!(BinaryCopyInWriter::new(
+        sink,
+        &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT4]
+    ));
+    for fields in rows {
+        writer.as_mut().write(&fields).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+}
+
 /// Times one future.
 async fn timed<F: Future<Output = ()>>(work: F) -> Duration {
     let started = Instant::now();
@@ -622,22 +643,10 @@ impl Bench {
                 for (user, key) in users.iter_mut().zip(keys) {
                     user.id = key;
                 }
-                let sink = raw
-                    .copy_in("COPY new_users (id, name, email, age) FROM STDIN BINARY")
-                    .await
-                    .unwrap();
-                let mut writer = pin!(BinaryCopyInWriter::new(
-                    sink,
-                    &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT4]
-                ));
-                for user in &users {
-                    writer
-                        .as_mut()
-                        .write(&[&user.id, &user.name, &user.email, &user.age])
-                        .await
-                        .unwrap();
-                }
-                writer.finish().await.unwrap();
+                let fields = users
+                    .iter()
+                    .map(|u| [&u.id as &(dyn ToSql + Sync), &u.name, &u.email, &u.age]);
+                copy_users(raw, "new_users", fields).await;
                 assert!(users[rows - 1].id > 0);
                 drop(users);
             })
@@ -681,22 +690,10 @@ impl Bench {
                 let conn = engine.connect().await.unwrap();
                 let raw = conn.client();
                 timed(async {
-                    let sink = raw
-                        .copy_in("COPY keyed_users (id, name, email, age) FROM STDIN BINARY")
-                        .await
-                        .unwrap();
-                    let mut writer = pin!(BinaryCopyInWriter::new(
-                        sink,
-                        &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT4]
-                    ));
-                    for user in &users {
-                        writer
-                            .as_mut()
-                            .write(&[&user.id, &user.name, &user.email, &user.age])
-                            .await
-                            .unwrap();
-                    }
-                    writer.finish().await.unwrap();
+                    let fields = users
+                        .iter()
+                        .map(|u| [&u.id as &(dyn ToSql + Sync), &u.name, &u.email, &u.age]);
+                    copy_users(raw, "keyed_users", fields).await;
                     drop(users);
                 })
                 .await

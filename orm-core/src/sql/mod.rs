@@ -65,6 +65,18 @@ pub trait Dialect: Send + Sync {
         self.placeholder(&mut w.sql, w.placeholders);
     }
 
+    /// Writes a comma-separated list of placeholders, each cast to its type.
+    fn prepare_typed_params(&self, w: &mut SqlWriter, types: &mut dyn Iterator<Item = &str>) {
+        for (i, value_type) in types.enumerate() {
+            if i > 0 {
+                w.sql.push_str(", ");
+            }
+            self.prepare_param(w);
+            w.sql.push_str("::");
+            w.sql.push_str(value_type);
+        }
+    }
+
     /// Writes a comma-separated list of quoted identifiers.
     fn prepare_identifier_list(&self, out: &mut String, idents: &[&str]) {
         for (i, ident) in idents.iter().enumerate() {
@@ -191,14 +203,7 @@ pub trait Dialect: Send + Sync {
     /// Renders `unnest(...) [WITH ORDINALITY] AS alias(columns)`.
     fn prepare_unnest(&self, w: &mut SqlWriter, source: &UnnestSource) {
         w.sql.push_str("unnest(");
-        for (i, (_, array_type)) in source.arrays.iter().enumerate() {
-            if i > 0 {
-                w.sql.push_str(", ");
-            }
-            self.prepare_param(w);
-            w.sql.push_str("::");
-            w.sql.push_str(array_type);
-        }
+        self.prepare_typed_params(w, &mut source.arrays.iter().map(|(_, array_type)| *array_type));
         w.sql.push(')');
         if source.ordinality.is_some() {
             w.sql.push_str(" WITH ORDINALITY");
@@ -224,14 +229,7 @@ pub trait Dialect: Send + Sync {
                 w.sql.push_str(" (");
                 self.prepare_identifier_list(&mut w.sql, &stmt.columns);
                 w.sql.push_str(") VALUES (");
-                for (i, (_, value_type)) in values.iter().enumerate() {
-                    if i > 0 {
-                        w.sql.push_str(", ");
-                    }
-                    self.prepare_param(w);
-                    w.sql.push_str("::");
-                    w.sql.push_str(value_type);
-                }
+                self.prepare_typed_params(w, &mut values.iter().map(|(_, value_type)| *value_type));
                 w.sql.push(')');
             }
             InsertSource::Unnest(source) => {
