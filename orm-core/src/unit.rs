@@ -303,12 +303,17 @@ impl<M: Model> TableState<M> {
             }
         }
 
-        // The type of each value, from its array type ("text[]" gives "text").
-        let scalar_types: Option<Vec<&'static str>> = explicit
-            .iter()
-            .map(|&c| table.columns[c].array_type.strip_suffix("[]"))
-            .collect();
-        let source = if let ([object], Some(scalar_types)) = (objects.as_slice(), scalar_types) {
+        // A lone object with the type of each value, read off its array type
+        // ("text[]" gives "text").
+        let single_row = match objects.as_slice() {
+            [object] => explicit
+                .iter()
+                .map(|&c| table.columns[c].array_type.strip_suffix("[]"))
+                .collect::<Option<Vec<&'static str>>>()
+                .map(|scalar_types| (object, scalar_types)),
+            _ => None,
+        };
+        let source = if let Some((object, scalar_types)) = single_row {
             // One object: a VALUES row, which PostgreSQL plans and runs
             // faster than unnest (a third faster right after the table's
             // plans were invalidated).
