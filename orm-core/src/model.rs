@@ -134,6 +134,10 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// column `offset` on: the second model of a join starts after the first.
     fn from_row_at(row: &Row, offset: usize) -> Result<Self>;
 
+    /// Decodes only the primary key of such a row, so that a row whose
+    /// object the session already holds is not decoded in full.
+    fn primary_key_at(row: &Row, offset: usize) -> Result<Self::PrimaryKey>;
+
     /// Overwrites the fields at `columns` (positions in `TABLE.columns`) with
     /// the row's values, the row's `i`-th column going to `columns[i]`.
     fn set_from_row(&mut self, row: &Row, columns: &[usize]) -> Result<()>;

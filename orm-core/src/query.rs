@@ -157,24 +157,21 @@ impl<M: Model> Selection for M {
 
     #[inline]
     fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Tracked<M>>) -> Result<()> {
-        let value = M::from_row(row)?;
-        let key = value.primary_key();
-        let known = if merger.had_objects {
-            merger.state.known(&key)
-        } else {
-            None
-        };
-        match known {
-            Some(existing) => {
+        let (key, value) = if merger.had_objects {
+            let key = M::primary_key_at(row, 0)?;
+            if let Some(existing) = merger.state.known(&key) {
                 // Earlier rows come out first, keeping the rows' order.
                 merger.state.track_fresh(&mut merger.fresh, out);
-                out.push(merge_known(existing, value));
+                out.push(merge_known(existing, row, 0)?);
+                return Ok(());
             }
-            None => {
-                if merger.fresh.push(key, value) {
-                    merger.state.track_fresh(&mut merger.fresh, out);
-                }
-            }
+            (key, M::from_row(row)?)
+        } else {
+            let value = M::from_row(row)?;
+            (value.primary_key(), value)
+        };
+        if merger.fresh.push(key, value) {
+            merger.state.track_fresh(&mut merger.fresh, out);
         }
         Ok(())
     }
@@ -185,7 +182,7 @@ impl<M: Model> Selection for M {
 
     #[inline]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<M>> {
-        Ok(unit_of::<M>(units.0).merge_loaded(M::from_row_at(row, offset)?))
+        unit_of::<M>(units.0).merge_row(row, offset)
     }
 
     #[inline]

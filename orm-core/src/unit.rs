@@ -117,21 +117,23 @@ impl<M: Model> TableState<M> {
         self.identity.get(key).cloned()
     }
 
-    /// Puts a freshly loaded object into the identity map, or returns the
-    /// object already there for that key.
-    pub(crate) fn merge_loaded(&mut self, value: M) -> Tracked<M> {
-        let key = value.primary_key();
+    /// The object for the model's columns from `offset` on in a loaded row:
+    /// the session's object for the row's key, or a new one put in the
+    /// identity map. Only the key is decoded when the session's object needs
+    /// nothing from the row.
+    pub(crate) fn merge_row(&mut self, row: &Row, offset: usize) -> Result<Tracked<M>> {
+        let key = M::primary_key_at(row, offset)?;
         if !self.deleted.is_empty() {
             if let Some(known) = self.known(&key) {
-                return merge_known(known, value);
+                return merge_known(known, row, offset);
             }
         }
         // One probe of the map whether the row is new or known.
         match self.identity.entry(key) {
-            Entry::Occupied(entry) => merge_known(entry.get().clone(), value),
+            Entry::Occupied(entry) => merge_known(entry.get().clone(), row, offset),
             Entry::Vacant(entry) => {
-                let tracked = track_one(value, ObjectStatus::Persistent, &self.owner);
-                entry.insert(tracked).clone()
+                let tracked = track_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, &self.owner);
+                Ok(entry.insert(tracked).clone())
             }
         }
     }
@@ -644,13 +646,15 @@ fn encode_key(
     }
 }
 
-/// Merges a loaded row into the session's object for it. An expired
-/// persistent object takes the fresh state; a live one keeps its own (it may
-/// hold unflushed changes).
-pub(crate) fn merge_known<M: Model>(existing: Tracked<M>, value: M) -> Tracked<M> {
+/// Merges a loaded row (the model's columns from `offset` on) into the
+/// session's object for it. An expired persistent object takes the fresh
+/// state; a live one keeps its own (it may hold unflushed changes), and the
+/// row is not even decoded.
+pub(crate) fn merge_known<M: Model>(existing: Tracked<M>, row: &Row, offset: usize) -> Result<Tracked<M>> {
     {
         let mut meta = existing.meta();
         if meta.is_expired() && meta.status() == ObjectStatus::Persistent {
+            let value = M::from_row_at(row, offset)?;
             // If the caller still borrows the object, it stays expired
             // and is refreshed by a later load instead.
             if let Ok(mut data) = existing.data_mut() {
@@ -675,7 +679,7 @@ pub(crate) fn merge_known<M: Model>(existing: Tracked<M>, value: M) -> Tracked<M
             }
         }
     }
-    existing
+    Ok(existing)
 }
 
 /// Rows of a load whose objects the session does not know yet, held back so

@@ -168,6 +168,17 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         )
     };
 
+    let pk_decodes = primary_key.iter().map(|(position, column)| {
+        let ty = column.ty;
+        let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
+        quote!(#decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?)
+    });
+    let pk_decode = if primary_key.len() == 1 {
+        quote!(#(#pk_decodes)*)
+    } else {
+        quote!((#(#pk_decodes,)*))
+    };
+
     let decode_fields = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
         let ty = column.ty;
@@ -257,6 +268,11 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
             fn primary_key_params(key: &Self::PrimaryKey) -> ::std::vec::Vec<#krate::Param> {
                 #pk_params
+            }
+
+            #[inline]
+            fn primary_key_at(#row: &#krate::__private::Row, offset: usize) -> #krate::Result<Self::PrimaryKey> {
+                ::core::result::Result::Ok(#pk_decode)
             }
 
             #[inline]
