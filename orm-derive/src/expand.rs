@@ -168,15 +168,15 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         )
     };
 
-    let pk_decodes = primary_key.iter().map(|(position, column)| {
+    let mut pk_decodes = primary_key.iter().map(|(position, column)| {
         let ty = column.ty;
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-        quote!(#decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?)
+        quote!(#decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position))
     });
     let pk_decode = if primary_key.len() == 1 {
-        quote!(#(#pk_decodes)*)
+        pk_decodes.next().unwrap_or_default()
     } else {
-        quote!((#(#pk_decodes,)*))
+        quote!(::core::result::Result::Ok((#(#pk_decodes?,)*)))
     };
 
     let decode_fields = model.columns.iter().enumerate().map(|(position, column)| {
@@ -272,7 +272,7 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
             #[inline]
             fn primary_key_at(#row: &#krate::__private::Row, offset: usize) -> #krate::Result<Self::PrimaryKey> {
-                ::core::result::Result::Ok(#pk_decode)
+                #pk_decode
             }
 
             #[inline]
