@@ -64,16 +64,7 @@ pub trait Selection: 'static {
     fn projection() -> Vec<Expr> {
         let mut tables = Vec::new();
         Self::tables(&mut tables);
-        let mut out = Vec::with_capacity(Self::width());
-        for table in tables {
-            out.extend(table.columns.iter().map(|c| {
-                Expr::Column(ColumnRef {
-                    table: table.name,
-                    column: c.name,
-                })
-            }));
-        }
-        out
+        tables.into_iter().map(Expr::AllColumns).collect()
     }
     /// Borrows the identity maps that rows are merged into, once per query.
     #[doc(hidden)]

@@ -718,16 +718,7 @@ fn primary_key_filter(table: &'static TableDef, values: Vec<Param>) -> Expr {
 pub(crate) fn select_all<M: Model>(filter: Option<Expr>) -> SelectStatement {
     let table = M::TABLE;
     SelectStatement {
-        projection: table
-            .columns
-            .iter()
-            .map(|c| {
-                Expr::Column(ColumnRef {
-                    table: table.name,
-                    column: c.name,
-                })
-            })
-            .collect(),
+        projection: vec![Expr::AllColumns(table)],
         from: table.name,
         filter,
         ..SelectStatement::default()

@@ -28,6 +28,11 @@ pub enum Expr {
     EqualsAny(Box<Expr>, ParamValue),
     /// `count(*)`.
     CountStar,
+    /// `"table"."column", ...` for every column of a model's table, in the
+    /// model's order: a projection item only. One item, however many
+    /// columns, so that building and caching a query of a model does not
+    /// walk its columns.
+    AllColumns(&'static crate::model::TableDef),
 }
 
 /// A bound value. Rendering writes only its placeholder; the value itself

@@ -95,6 +95,16 @@ pub trait Dialect: Send + Sync {
                 w.sql.push('.');
                 self.quote_identifier(&mut w.sql, column.column);
             }
+            Expr::AllColumns(table) => {
+                for (i, column) in table.columns.iter().enumerate() {
+                    if i > 0 {
+                        w.sql.push_str(", ");
+                    }
+                    self.quote_identifier(&mut w.sql, table.name);
+                    w.sql.push('.');
+                    self.quote_identifier(&mut w.sql, column.name);
+                }
+            }
             Expr::Param(_) => self.prepare_param(w),
             Expr::Binary(left, op, right) => {
                 self.prepare_expr(w, left);

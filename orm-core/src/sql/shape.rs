@@ -72,6 +72,11 @@ fn collect_expr(expr: &mut Expr, shape: &mut Shape, params: &mut Vec<Param>) {
             shape.tag(2);
             params.push(value.take());
         }
+        Expr::AllColumns(table) => {
+            // A table's description is static: its address names it.
+            shape.tag(11);
+            shape.tag(std::ptr::from_ref(*table) as u64);
+        }
         Expr::Binary(left, op, right) => {
             shape.tag(3);
             shape.tag(*op as u64);
