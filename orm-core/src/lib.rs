@@ -12,6 +12,7 @@ pub mod dev;
 pub mod engine;
 pub mod error;
 pub mod expr;
+mod identity;
 pub mod metadata;
 pub mod model;
 pub mod query;

@@ -215,17 +215,10 @@ impl Session {
                         // The key the row was loaded with, should the caller have edited it.
                         let key = data.loaded.as_deref().unwrap_or(&data.value).primary_key();
                         drop(data);
-                        unit.identity
-                            .get(&key)
-                            .is_some_and(|existing| existing.ptr_eq(object))
-                            .then_some(key)
+                        unit.identity.holds(&key, object).then_some(key)
                     }
                     // Borrowed mutably, by the caller perhaps: found by handle instead.
-                    Err(_) => unit
-                        .identity
-                        .iter()
-                        .find(|(_, existing)| existing.ptr_eq(object))
-                        .map(|(key, _)| key.clone()),
+                    Err(_) => unit.identity.key_of(object),
                 };
                 let key = key.ok_or_else(|| {
                     Error::InvalidState(format!("this {} object belongs to another session", M::TABLE.model))
@@ -518,11 +511,7 @@ impl Session {
             // The key the row was loaded with, should the caller have edited it.
             data.loaded.as_deref().unwrap_or(&data.value).primary_key()
         };
-        let tracked_here = self
-            .unit::<M>()
-            .identity
-            .get(&key)
-            .is_some_and(|existing| existing.ptr_eq(object));
+        let tracked_here = self.unit::<M>().identity.holds(&key, object);
         if !tracked_here {
             return Err(Error::InvalidState(format!(
                 "this {} object is not persistent in this session (pending, deleted, detached or another session's); \

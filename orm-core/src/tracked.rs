@@ -154,34 +154,27 @@ impl<M> Shared<M> {
 /// Objects are allocated in blocks: one allocation for many rows of a load,
 /// as the values themselves are the only per-row allocations a load should
 /// make.
-type Block<M> = Arc<[Shared<M>]>;
+pub(crate) type Block<M> = Arc<[Shared<M>]>;
 
 /// The largest block: a handle keeps its whole block alive, so this bounds
 /// how much memory one handle can hold on to.
 pub(crate) const MAX_BLOCK: usize = 64;
 
-/// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block,
-/// returning their handles in order.
-pub(crate) fn track_block<M>(
-    values: std::vec::Drain<'_, M>,
-    status: ObjectStatus,
-    owner: &Arc<Owner>,
-) -> impl Iterator<Item = Tracked<M>> {
+/// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block.
+pub(crate) fn new_block<M>(values: std::vec::Drain<'_, M>, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
     debug_assert!(values.len() <= MAX_BLOCK);
     // An exact-size source: the block is allocated once and filled in place.
-    let block: Block<M> = values.map(|value| Shared::new(value, status, owner)).collect();
-    (0..block.len() as u32).map(move |index| Tracked {
-        block: Arc::clone(&block),
-        index,
-    })
+    values.map(|value| Shared::new(value, status, owner)).collect()
 }
 
 /// Tracks one new object, in a block of its own.
-pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Tracked<M> {
-    Tracked {
-        block: Arc::new([Shared::new(value, status, owner)]),
-        index: 0,
-    }
+pub(crate) fn block_of_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
+    Arc::new([Shared::new(value, status, owner)])
+}
+
+/// Handles to every object of a block, in order.
+pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> + '_ {
+    (0..block.len() as u32).map(|index| Tracked::in_block(block, index))
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -235,6 +228,25 @@ impl<M> Tracked<M> {
     #[inline]
     fn shared(&self) -> &Shared<M> {
         &self.block[self.index as usize]
+    }
+
+    /// A handle to the object at `index` in `block`.
+    #[inline]
+    pub(crate) fn in_block(block: &Block<M>, index: u32) -> Tracked<M> {
+        Tracked {
+            block: Arc::clone(block),
+            index,
+        }
+    }
+
+    /// Whether this is the object at `index` in `block`.
+    pub(crate) fn is_in(&self, block: &Block<M>, index: u32) -> bool {
+        Arc::ptr_eq(&self.block, block) && self.index == index
+    }
+
+    /// The object's block and its place in it.
+    pub(crate) fn place(&self) -> (&Block<M>, u32) {
+        (&self.block, self.index)
     }
 }
 

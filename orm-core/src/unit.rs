@@ -2,7 +2,6 @@
 //! inserts and deletes, and how they become batched statements.
 
 use std::any::Any;
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -20,7 +19,8 @@ use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::tracked::{track_block, track_one, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
+use crate::identity::Identities;
+use crate::tracked::{block_of_one, handles, new_block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -48,7 +48,7 @@ pub(crate) trait TableUnit: Send + Sync {
 }
 
 pub(crate) struct TableState<M: Model> {
-    pub(crate) identity: HashMap<M::PrimaryKey, Tracked<M>, foldhash::fast::RandomState>,
+    pub(crate) identity: Identities<M>,
     pub(crate) new: Vec<Tracked<M>>,
     pub(crate) deleted: Vec<(M::PrimaryKey, Tracked<M>)>,
     /// Objects whose rows a flush of the open transaction deleted: a
@@ -64,7 +64,7 @@ pub(crate) struct TableState<M: Model> {
 impl<M: Model> Default for TableState<M> {
     fn default() -> Self {
         TableState {
-            identity: HashMap::default(),
+            identity: Identities::default(),
             new: Vec::new(),
             deleted: Vec::new(),
             flushed_deletes: Vec::new(),
@@ -84,7 +84,7 @@ impl<M: Model> Drop for TableState<M> {
 impl<M: Model> TableState<M> {
     /// Starts tracking a new object.
     pub(crate) fn track(&self, value: M, status: ObjectStatus) -> Tracked<M> {
-        track_one(value, status, &self.owner)
+        Tracked::in_block(&block_of_one(value, status, &self.owner), 0)
     }
 
     /// Starts tracking new objects, a block at a time.
@@ -94,7 +94,7 @@ impl<M: Model> TableState<M> {
         let mut block = Vec::with_capacity(tracked.capacity().min(MAX_BLOCK));
         while values.peek().is_some() {
             block.extend(values.by_ref().take(MAX_BLOCK));
-            tracked.extend(track_block(block.drain(..), status, &self.owner));
+            tracked.extend(handles(&new_block(block.drain(..), status, &self.owner)));
         }
         tracked
     }
@@ -114,7 +114,7 @@ impl<M: Model> TableState<M> {
                 return Some(deleted.clone());
             }
         }
-        self.identity.get(key).cloned()
+        self.identity.get(key)
     }
 
     /// The object for the model's columns from `offset` on in a loaded row:
@@ -129,12 +129,14 @@ impl<M: Model> TableState<M> {
             }
         }
         // One probe of the map whether the row is new or known.
-        match self.identity.entry(key) {
-            Entry::Occupied(entry) => merge_known(entry.get().clone(), row, offset),
-            Entry::Vacant(entry) => {
-                let tracked = track_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, &self.owner);
-                Ok(entry.insert(tracked).clone())
-            }
+        let owner = &self.owner;
+        let (object, new) = self.identity.get_or_insert_with(key, || {
+            Ok(block_of_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, owner))
+        })?;
+        if new {
+            Ok(object)
+        } else {
+            merge_known(object, row, offset)
         }
     }
 
@@ -145,15 +147,10 @@ impl<M: Model> TableState<M> {
             return;
         }
         self.identity.reserve(fresh.values.len());
-        let objects = track_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
-        for (key, object) in fresh.keys.drain(..).zip(objects) {
-            match self.identity.entry(key) {
-                Entry::Vacant(entry) => out.push(entry.insert(object).clone()),
-                // A key repeated among the held-back rows: the first row's
-                // object stands for both, as it would have row by row.
-                Entry::Occupied(entry) => out.push(entry.get().clone()),
-            }
-        }
+        let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
+        // A key repeated among the held-back rows gives the first row's
+        // object for both, as it would have row by row.
+        self.identity.insert_block(fresh.keys.drain(..), block, out);
     }
 
     /// Changed columns of every persistent object with changes, grouped by
@@ -163,7 +160,7 @@ impl<M: Model> TableState<M> {
     fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>>> {
         let table = M::TABLE;
         let mut groups: BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>> = BTreeMap::new();
-        for (key, tracked) in &self.identity {
+        for (key, tracked) in self.identity.iter() {
             let data = tracked.data()?;
             let Some(loaded) = &data.loaded else { continue };
             // Read under the lock: a write() needs it, so value and version agree.
@@ -414,7 +411,7 @@ impl<M: Model> TableState<M> {
             }
             object.meta().set_status(ObjectStatus::Persistent);
             self.owner.dirty.store(true, Ordering::Release);
-            self.identity.insert(key, object);
+            self.identity.insert(key, &object);
         }
         Ok(())
     }
@@ -480,7 +477,7 @@ impl<M: Model> TableState<M> {
                 data.value.primary_key()
             };
             object.meta().set_status(ObjectStatus::Persistent);
-            if let Some(previous) = self.identity.insert(key, object) {
+            if let Some(previous) = self.identity.insert(key, &object) {
                 // The row that object stood for was deleted behind the
                 // session's back; the new row replaces it.
                 previous.meta().set_final_status(ObjectStatus::Detached);
