@@ -80,48 +80,50 @@ pub(crate) struct Meta {
     /// owner's epoch means expired (the next load of the row overwrites the
     /// value with fresh database state).
     fresh_at: u64,
-    /// The session state tracking the object; `None` once the status no
-    /// longer depends on the session (a delete that was committed).
-    owner: Option<Arc<Owner>>,
+    /// Set once the status no longer depends on the session (a delete that
+    /// was committed, an object the session let go of on its own).
+    settled: bool,
 }
 
-impl Meta {
+/// An object's bookkeeping, locked, with the session state it belongs to.
+pub(crate) struct MetaGuard<'a> {
+    meta: MutexGuard<'a, Meta>,
+    owner: &'a Owner,
+}
+
+impl MetaGuard<'_> {
     /// The status the caller sees: an object whose session let go of its
     /// objects is detached, whatever it was before.
     pub(crate) fn status(&self) -> ObjectStatus {
-        match &self.owner {
-            Some(owner) if self.status != ObjectStatus::Detached && owner.released.load(Ordering::Acquire) => {
-                ObjectStatus::Detached
-            }
-            _ => self.status,
+        let meta = &*self.meta;
+        if !meta.settled && meta.status != ObjectStatus::Detached && self.owner.released.load(Ordering::Acquire) {
+            ObjectStatus::Detached
+        } else {
+            meta.status
         }
     }
 
     pub(crate) fn set_status(&mut self, status: ObjectStatus) {
-        self.status = status;
+        self.meta.status = status;
     }
 
     /// Sets a status that stays whatever the session does next.
     pub(crate) fn set_final_status(&mut self, status: ObjectStatus) {
-        self.status = status;
-        self.owner = None;
+        self.meta.status = status;
+        self.meta.settled = true;
     }
 
     pub(crate) fn is_expired(&self) -> bool {
-        self.owner
-            .as_ref()
-            .is_some_and(|owner| self.fresh_at < owner.epoch.load(Ordering::Acquire))
+        !self.meta.settled && self.meta.fresh_at < self.owner.epoch.load(Ordering::Acquire)
     }
 
     pub(crate) fn expire(&mut self) {
-        self.fresh_at = 0;
+        self.meta.fresh_at = 0;
     }
 
     /// The value matches the row again.
     pub(crate) fn refresh(&mut self) {
-        if let Some(owner) = &self.owner {
-            self.fresh_at = owner.epoch.load(Ordering::Acquire);
-        }
+        self.meta.fresh_at = self.owner.epoch.load(Ordering::Acquire);
     }
 }
 
@@ -134,7 +136,7 @@ pub(crate) struct Shared<M> {
 }
 
 impl<M> Shared<M> {
-    fn new(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Self {
+    fn new(value: M, status: ObjectStatus, fresh_at: u64) -> Self {
         Shared {
             data: RwLock::new(Data {
                 value,
@@ -144,17 +146,39 @@ impl<M> Shared<M> {
             version: AtomicU64::new(0),
             meta: Mutex::new(Meta {
                 status,
-                fresh_at: owner.epoch.load(Ordering::Acquire),
-                owner: Some(Arc::clone(owner)),
+                fresh_at,
+                settled: false,
             }),
         }
     }
 }
 
+/// Objects tracked together, with the session state they belong to.
 /// Objects are allocated in blocks: one allocation for many rows of a load,
 /// as the values themselves are the only per-row allocations a load should
 /// make.
-pub(crate) type Block<M> = Arc<[Shared<M>]>;
+pub(crate) struct BlockInner<M> {
+    owner: Arc<Owner>,
+    objects: Objects<M>,
+}
+
+enum Objects<M> {
+    /// An object tracked on its own (added, or loaded by a get or a join):
+    /// one allocation, with the block.
+    One(Shared<M>),
+    Many(Box<[Shared<M>]>),
+}
+
+impl<M> BlockInner<M> {
+    pub(crate) fn len(&self) -> usize {
+        match &self.objects {
+            Objects::One(_) => 1,
+            Objects::Many(objects) => objects.len(),
+        }
+    }
+}
+
+pub(crate) type Block<M> = Arc<BlockInner<M>>;
 
 /// The largest block: a handle keeps its whole block alive, so this bounds
 /// how much memory one handle can hold on to.
@@ -163,13 +187,20 @@ pub(crate) const MAX_BLOCK: usize = 64;
 /// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block.
 pub(crate) fn new_block<M>(values: std::vec::Drain<'_, M>, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
     debug_assert!(values.len() <= MAX_BLOCK);
-    // An exact-size source: the block is allocated once and filled in place.
-    values.map(|value| Shared::new(value, status, owner)).collect()
+    let fresh_at = owner.epoch.load(Ordering::Acquire);
+    Arc::new(BlockInner {
+        owner: Arc::clone(owner),
+        // An exact-size source: allocated once and filled in place.
+        objects: Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect()),
+    })
 }
 
 /// Tracks one new object, in a block of its own.
 pub(crate) fn block_of_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
-    Arc::new([Shared::new(value, status, owner)])
+    Arc::new(BlockInner {
+        owner: Arc::clone(owner),
+        objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
+    })
 }
 
 /// Handles to every object of a block, in order.
@@ -227,7 +258,10 @@ fn borrowed<M: Model>() -> Error {
 impl<M> Tracked<M> {
     #[inline]
     fn shared(&self) -> &Shared<M> {
-        &self.block[self.index as usize]
+        match &self.block.objects {
+            Objects::One(object) => object,
+            Objects::Many(objects) => &objects[self.index as usize],
+        }
     }
 
     /// A handle to the object at `index` in `block`.
@@ -251,8 +285,11 @@ impl<M> Tracked<M> {
 }
 
 impl<M: Model> Tracked<M> {
-    pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
-        self.shared().meta.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn meta(&self) -> MetaGuard<'_> {
+        MetaGuard {
+            meta: self.shared().meta.lock().unwrap_or_else(PoisonError::into_inner),
+            owner: &self.block.owner,
+        }
     }
 
     /// The value, for the session: fails instead of waiting on a caller's
@@ -295,9 +332,7 @@ impl<M: Model> Tracked<M> {
             if data.loaded.is_none() {
                 data.loaded = Some(Box::new(data.value.clone()));
             }
-            if let Some(owner) = &meta.owner {
-                owner.dirty.store(true, Ordering::Release);
-            }
+            meta.owner.dirty.store(true, Ordering::Release);
         }
         drop(meta);
         TrackedMut(data)
