@@ -86,7 +86,9 @@ impl<M: Model> Identities<M> {
     /// replaces.
     pub(crate) fn insert(&mut self, key: M::PrimaryKey, object: &Tracked<M>) -> Option<Tracked<M>> {
         let slot = self.slot_of(object);
-        self.slots.insert(key, slot).map(|previous| handle(&self.blocks, previous))
+        self.slots
+            .insert(key, slot)
+            .map(|previous| handle(&self.blocks, previous))
     }
 
     /// The slot of an object made elsewhere (by `add`, for instance). Objects

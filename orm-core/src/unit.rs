@@ -14,12 +14,12 @@ use tokio_postgres::Row;
 
 use crate::engine::Executor;
 use crate::error::{Error, Result};
+use crate::identity::Identities;
 use crate::model::{Model, TableDef};
 use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::identity::Identities;
 use crate::tracked::{block_of_one, handles, new_block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -131,7 +131,11 @@ impl<M: Model> TableState<M> {
         // One probe of the map whether the row is new or known.
         let owner = &self.owner;
         let (object, new) = self.identity.get_or_insert_with(key, || {
-            Ok(block_of_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, owner))
+            Ok(block_of_one(
+                M::from_row_at(row, offset)?,
+                ObjectStatus::Persistent,
+                owner,
+            ))
         })?;
         if new {
             Ok(object)
