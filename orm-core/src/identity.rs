@@ -15,17 +15,27 @@ struct Slot {
     index: u32,
 }
 
+/// A block the map keeps, with how many of its objects the map holds.
+struct Kept<M> {
+    block: Block<M>,
+    live: u32,
+}
+
 /// The identity map of one model. An entry is a slot in one of the blocks
 /// the map keeps alive, rather than a handle: loading a block of 64 rows
 /// takes one reference to the block instead of one per object, entries are
 /// half the size, and forgetting them all frees each block once.
 ///
-/// Blocks stay until the map is dropped, so an object removed from the map
-/// (deleted, or replaced by a new object for its row) lives as long as its
-/// session's state at most.
+/// The map lets go of a block once it holds none of its objects (all
+/// deleted, say), so a long-lived session does not accumulate them.
 pub(crate) struct Identities<M: Model> {
     slots: HashMap<M::PrimaryKey, Slot, foldhash::fast::RandomState>,
-    blocks: Vec<Block<M>>,
+    blocks: Vec<Option<Kept<M>>>,
+    /// Places in `blocks` free for the next block.
+    free: Vec<u32>,
+    /// The block kept last, which objects inserted one by one (after a
+    /// flush) most often share.
+    last: Option<u32>,
 }
 
 impl<M: Model> Default for Identities<M> {
@@ -33,13 +43,23 @@ impl<M: Model> Default for Identities<M> {
         Identities {
             slots: HashMap::default(),
             blocks: Vec::new(),
+            free: Vec::new(),
+            last: None,
         }
     }
 }
 
+/// The block at `id`; a slot only ever names a kept block.
+fn block_at<M>(blocks: &[Option<Kept<M>>], id: u32) -> &Block<M> {
+    match &blocks[id as usize] {
+        Some(kept) => &kept.block,
+        None => unreachable!("a slot names a block the map keeps"),
+    }
+}
+
 /// A handle to the object in `slot`.
-fn handle<M>(blocks: &[Block<M>], slot: Slot) -> Tracked<M> {
-    Tracked::in_block(&blocks[slot.block as usize], slot.index)
+fn handle<M>(blocks: &[Option<Kept<M>>], slot: Slot) -> Tracked<M> {
+    Tracked::in_block(block_at(blocks, slot.block), slot.index)
 }
 
 impl<M: Model> Identities<M> {
@@ -71,62 +91,95 @@ impl<M: Model> Identities<M> {
     }
 
     fn is(&self, slot: Slot, object: &Tracked<M>) -> bool {
-        object.is_in(&self.blocks[slot.block as usize], slot.index)
+        object.is_in(block_at(&self.blocks, slot.block), slot.index)
     }
 
     pub(crate) fn remove(&mut self, key: &M::PrimaryKey) {
-        self.slots.remove(key);
+        if let Some(slot) = self.slots.remove(key) {
+            self.release(slot.block);
+        }
     }
 
     pub(crate) fn reserve(&mut self, additional: usize) {
         self.slots.reserve(additional);
     }
 
+    /// Keeps `block`, holding `live` of its objects, and returns its place.
+    fn keep(&mut self, block: Block<M>, live: u32) -> u32 {
+        let kept = Some(Kept { block, live });
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.blocks[id as usize] = kept;
+                id
+            }
+            None => {
+                self.blocks.push(kept);
+                u32::try_from(self.blocks.len() - 1).unwrap_or_else(|_| unreachable!("2^32 blocks"))
+            }
+        };
+        self.last = Some(id);
+        id
+    }
+
+    /// One object of the block at `id` left the map; the block goes with
+    /// its last one.
+    fn release(&mut self, id: u32) {
+        if let Some(kept) = &mut self.blocks[id as usize] {
+            kept.live -= 1;
+            if kept.live == 0 {
+                self.blocks[id as usize] = None;
+                self.free.push(id);
+                if self.last == Some(id) {
+                    self.last = None;
+                }
+            }
+        }
+    }
+
     /// Puts `object` in the map under `key`, returning the object it
     /// replaces.
     pub(crate) fn insert(&mut self, key: M::PrimaryKey, object: &Tracked<M>) -> Option<Tracked<M>> {
         let slot = self.slot_of(object);
-        self.slots
-            .insert(key, slot)
-            .map(|previous| handle(&self.blocks, previous))
+        let previous = self.slots.insert(key, slot)?;
+        let replaced = handle(&self.blocks, previous);
+        self.release(previous.block);
+        Some(replaced)
     }
 
-    /// The slot of an object made elsewhere (by `add`, for instance). Objects
-    /// of one block usually arrive one after another, so the block is kept
-    /// once for all of them.
+    /// The slot of an object made elsewhere (by `add`, for instance),
+    /// counted as held. Objects of one block usually arrive one after
+    /// another, so the block is kept once for all of them.
     fn slot_of(&mut self, object: &Tracked<M>) -> Slot {
         let (block, index) = object.place();
-        let kept = self.blocks.last().is_some_and(|last| Arc::ptr_eq(last, block));
-        if !kept {
-            self.blocks.push(Arc::clone(block));
-        }
-        Slot {
-            block: (self.blocks.len() - 1) as u32,
-            index,
-        }
+        let last = self.last.and_then(|id| match &mut self.blocks[id as usize] {
+            Some(kept) if Arc::ptr_eq(&kept.block, block) => {
+                kept.live += 1;
+                Some(id)
+            }
+            _ => None,
+        });
+        let id = match last {
+            Some(id) => id,
+            None => self.keep(Arc::clone(block), 1),
+        };
+        Slot { block: id, index }
     }
 
     /// The object for `key`, or the one `make` builds, kept in a block of
-    /// its own.
+    /// its own; and whether it is new.
     pub(crate) fn get_or_insert_with(
         &mut self,
         key: M::PrimaryKey,
         make: impl FnOnce() -> crate::error::Result<Block<M>>,
     ) -> crate::error::Result<(Tracked<M>, bool)> {
-        match self.slots.entry(key) {
-            Entry::Occupied(entry) => Ok((handle(&self.blocks, *entry.get()), false)),
-            Entry::Vacant(entry) => {
-                let block = make()?;
-                let slot = Slot {
-                    block: self.blocks.len() as u32,
-                    index: 0,
-                };
-                let object = Tracked::in_block(&block, 0);
-                self.blocks.push(block);
-                entry.insert(slot);
-                Ok((object, true))
-            }
+        if let Some(&slot) = self.slots.get(&key) {
+            return Ok((handle(&self.blocks, slot), false));
         }
+        let block = make()?;
+        let object = Tracked::in_block(&block, 0);
+        let id = self.keep(block, 1);
+        self.slots.insert(key, Slot { block: id, index: 0 });
+        Ok((object, true))
     }
 
     /// Keeps a block of newly tracked objects, the i-th under `keys[i]`, and
@@ -138,19 +191,25 @@ impl<M: Model> Identities<M> {
         block: Block<M>,
         out: &mut Vec<Tracked<M>>,
     ) {
-        let block_id = self.blocks.len() as u32;
         let len = block.len() as u32;
-        self.blocks.push(block);
-        let blocks = &self.blocks;
+        let id = self.keep(block, 0);
+        let mut live = 0;
         for (index, key) in (0..len).zip(keys) {
             match self.slots.entry(key) {
                 Entry::Vacant(entry) => {
-                    let slot = *entry.insert(Slot { block: block_id, index });
-                    out.push(handle(blocks, slot));
+                    let slot = *entry.insert(Slot { block: id, index });
+                    live += 1;
+                    out.push(handle(&self.blocks, slot));
                 }
-                Entry::Occupied(entry) => out.push(handle(blocks, *entry.get())),
+                Entry::Occupied(entry) => out.push(handle(&self.blocks, *entry.get())),
             }
         }
+        if let Some(kept) = &mut self.blocks[id as usize] {
+            kept.live = live + 1;
+        }
+        // The count started at one more than the objects held: letting go of
+        // it frees a block whose every row repeated a key already held.
+        self.release(id);
     }
 
     /// Every entry, with a handle to its object.

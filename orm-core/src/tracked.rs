@@ -267,6 +267,7 @@ impl<M> Tracked<M> {
     /// A handle to the object at `index` in `block`.
     #[inline]
     pub(crate) fn in_block(block: &Block<M>, index: u32) -> Tracked<M> {
+        debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
         Tracked {
             block: Arc::clone(block),
             index,

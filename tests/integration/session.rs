@@ -631,6 +631,17 @@ async fn composite_keys_round_trip() {
             .await,
         5
     );
+    // Loaded again in the same session: the composite key read off each row
+    // finds the object the session holds.
+    let members = session
+        .query::<Membership>()
+        .order_by(Membership::user_key)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 2);
+    assert!(members[0].ptr_eq(&member));
+    assert_eq!(members[0].read().level, 5);
     assert_eq!(
         db.scalar("SELECT level::bigint FROM memberships WHERE group_id = 1 AND user_key = 11")
             .await,

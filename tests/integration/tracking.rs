@@ -6,6 +6,32 @@ use orm::prelude::*;
 use crate::common::{test_db, EchoCapture};
 use crate::models::{setup, Post, User};
 
+/// A model that counts how many of its values were dropped, to see when a
+/// session lets go of objects.
+mod counted {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub CountedBase);
+
+    pub static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "counted_rows", base = CountedBase)]
+    pub struct CountedRow {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+    }
+
+    impl Drop for CountedRow {
+        fn drop(&mut self) {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A model over a table without a primary key constraint, so that a
 /// result may repeat a key.
 mod loose {
@@ -155,6 +181,47 @@ async fn deleting_an_object_uses_its_loaded_key_even_while_borrowed_or_edited() 
     session.delete(&users[1]).unwrap();
     session.commit().await.unwrap();
     assert_eq!(db.strings("SELECT name FROM users").await, ["kept"]);
+}
+
+#[tokio::test]
+async fn a_long_lived_session_lets_go_of_the_objects_it_deleted() {
+    use std::sync::atomic::Ordering;
+
+    let db = test_db().await;
+    db.execute(
+        "CREATE TABLE counted_rows (id bigint PRIMARY KEY, name text NOT NULL); \
+         INSERT INTO counted_rows SELECT i, 'row ' || i FROM generate_series(1, 100) AS i",
+    )
+    .await;
+    // Without expiry the get below answers from the identity map, so no
+    // value is replaced by a reload.
+    let mut session = sessionmaker(&db.engine).expire_on_commit(false).session();
+    let rows = session
+        .query::<counted::CountedRow>()
+        .order_by(counted::CountedRow::id)
+        .all()
+        .await
+        .unwrap();
+    let kept = rows[99].clone();
+    for row in &rows[..99] {
+        session.delete(row).unwrap();
+    }
+    session.commit().await.unwrap();
+    let before = counted::DROPPED.load(Ordering::Relaxed);
+    drop(rows);
+    // The first block (64 rows) held only deleted objects: it is freed while
+    // the session lives on. The second still holds the kept object.
+    assert_eq!(counted::DROPPED.load(Ordering::Relaxed) - before, 64);
+    assert_eq!(db.scalar("SELECT count(*) FROM counted_rows").await, 1);
+    assert!(session
+        .get::<counted::CountedRow>(100)
+        .await
+        .unwrap()
+        .unwrap()
+        .ptr_eq(&kept));
+    drop(kept);
+    session.close().await.unwrap();
+    assert_eq!(counted::DROPPED.load(Ordering::Relaxed) - before, 100);
 }
 
 #[tokio::test]
