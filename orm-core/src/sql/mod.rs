@@ -771,6 +771,72 @@ mod tests {
         assert_eq!(cache.len(), count);
     }
 
+    const fn column(name: &'static str) -> crate::model::ColumnDef {
+        crate::model::ColumnDef {
+            name,
+            field: name,
+            sql_type: "bigint",
+            array_type: "int8[]",
+            nullable: false,
+            primary_key: false,
+            identity: false,
+            unique: false,
+            index: false,
+            default: None,
+            length: None,
+            foreign_key: None,
+            check: None,
+        }
+    }
+
+    static USERS: crate::model::TableDef = crate::model::TableDef {
+        name: "users",
+        model: "User",
+        columns: &[column("id"), column("name")],
+        primary_key: &[0],
+    };
+
+    static POSTS: crate::model::TableDef = crate::model::TableDef {
+        name: "posts",
+        model: "Post",
+        columns: &[column("id"), column("user_id"), column("title")],
+        primary_key: &[0],
+    };
+
+    fn select_all_of(tables: &[&'static crate::model::TableDef]) -> SelectStatement {
+        SelectStatement {
+            projection: tables.iter().map(|&table| Expr::AllColumns(table)).collect(),
+            from: tables[0].name,
+            joins: Vec::new(),
+            filter: None,
+            order_by: Vec::new(),
+            limit: None,
+            offset: None,
+        }
+    }
+
+    #[test]
+    fn all_columns_of_a_model_render_in_its_order_and_name_its_own_shape() {
+        let cache = SqlCache::default();
+        let users = cache.render(select_all_of(&[&USERS]));
+        assert_eq!(&*users.sql, r#"SELECT "users"."id", "users"."name" FROM "users""#);
+        let both = cache.render(select_all_of(&[&USERS, &POSTS]));
+        assert_eq!(
+            &*both.sql,
+            r#"SELECT "users"."id", "users"."name", "posts"."id", "posts"."user_id", "posts"."title" FROM "users""#
+        );
+        let again = cache.render(select_all_of(&[&USERS]));
+        assert!(std::sync::Arc::ptr_eq(&users.sql, &again.sql));
+        assert_eq!(cache.len(), 2);
+        // The same text as naming every column, which is a shape of its own.
+        let spelled = cache.render(SelectStatement {
+            projection: vec![col("users", "id"), col("users", "name")],
+            ..select_all_of(&[&USERS])
+        });
+        assert_eq!(spelled.sql, users.sql);
+        assert_eq!(cache.len(), 3);
+    }
+
     #[test]
     fn beyond_its_capacity_the_cache_still_renders_but_stops_growing() {
         let cache = SqlCache::with_capacity(8);
