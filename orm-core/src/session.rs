@@ -442,6 +442,16 @@ impl Session {
     /// session's objects are detached and the identity map emptied, so later
     /// loads see the database as it is.
     pub async fn rollback(&mut self) -> Result<()> {
+        let result = self.roll_back_transaction().await;
+        for unit in self.units.values_mut() {
+            unit.discard();
+        }
+        result
+    }
+
+    /// Rolls back whatever transaction is open and lets go of the
+    /// connection, leaving the objects to the caller.
+    async fn roll_back_transaction(&mut self) -> Result<()> {
         let mut result = Ok(());
         if self.busy {
             // An interrupted call left the connection in an unknown state
@@ -461,16 +471,15 @@ impl Session {
         self.conn = None;
         self.failed = None;
         self.busy = false;
-        for unit in self.units.values_mut() {
-            unit.discard();
-        }
         result
     }
 
     /// Rolls back whatever is open, forgets every object and returns the
     /// connection. The session can be used again afterwards.
     pub async fn close(&mut self) -> Result<()> {
-        let result = self.rollback().await;
+        let result = self.roll_back_transaction().await;
+        // Dropping each model's state detaches its objects, as a rollback's
+        // discard would, without making a fresh state only to drop it.
         self.units.clear();
         result
     }

@@ -247,6 +247,26 @@ async fn a_dropped_session_detaches_its_objects_but_a_committed_delete_stays_del
 }
 
 #[tokio::test]
+async fn close_detaches_every_object_and_the_session_starts_afresh() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('sandy')").await;
+    let mut session = sessionmaker(&db.engine).session();
+    let sandy = session.get::<User>(1).await.unwrap().unwrap();
+    let pending = session.add(User::new("patrick"));
+    session.close().await.unwrap();
+    assert_eq!(sandy.status(), ObjectStatus::Detached);
+    assert_eq!(pending.status(), ObjectStatus::Detached);
+
+    // Usable again, with nothing of before: the row loads as a new object,
+    // and the pending object was never inserted.
+    let again = session.get::<User>(1).await.unwrap().unwrap();
+    assert!(!again.ptr_eq(&sandy));
+    assert_eq!(again.status(), ObjectStatus::Persistent);
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT name FROM users").await, ["sandy"]);
+}
+
+#[tokio::test]
 async fn a_commit_expires_what_was_loaded_before_it_and_nothing_loaded_after() {
     let db = setup().await;
     db.execute("INSERT INTO users (name) VALUES ('before'), ('after')")
