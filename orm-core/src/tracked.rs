@@ -185,13 +185,23 @@ pub(crate) type Block<M> = Arc<BlockInner<M>>;
 pub(crate) const MAX_BLOCK: usize = 64;
 
 /// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block.
-pub(crate) fn new_block<M>(values: std::vec::Drain<'_, M>, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
+pub(crate) fn new_block<M>(mut values: std::vec::Drain<'_, M>, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
     debug_assert!(values.len() <= MAX_BLOCK);
     let fresh_at = owner.epoch.load(Ordering::Acquire);
+    let objects = if values.len() == 1 {
+        // One allocation rather than two for a one-row load.
+        Objects::One(Shared::new(
+            values.next().unwrap_or_else(|| unreachable!("one value")),
+            status,
+            fresh_at,
+        ))
+    } else {
+        // An exact-size source: allocated once and filled in place.
+        Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect())
+    };
     Arc::new(BlockInner {
         owner: Arc::clone(owner),
-        // An exact-size source: allocated once and filled in place.
-        objects: Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect()),
+        objects,
     })
 }
 
