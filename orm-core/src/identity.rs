@@ -165,23 +165,6 @@ impl<M: Model> Identities<M> {
         Slot { block: id, index }
     }
 
-    /// The object for `key`, or the one `make` builds, kept in a block of
-    /// its own; and whether it is new.
-    pub(crate) fn get_or_insert_with(
-        &mut self,
-        key: M::PrimaryKey,
-        make: impl FnOnce() -> crate::error::Result<Block<M>>,
-    ) -> crate::error::Result<(Tracked<M>, bool)> {
-        if let Some(&slot) = self.slots.get(&key) {
-            return Ok((handle(&self.blocks, slot), false));
-        }
-        let block = make()?;
-        let object = Tracked::in_block(&block, 0);
-        let id = self.keep(block, 1);
-        self.slots.insert(key, Slot { block: id, index: 0 });
-        Ok((object, true))
-    }
-
     /// Keeps a block of newly tracked objects, the i-th under `keys[i]`, and
     /// appends the objects to `out` in order. A key already in the map (a
     /// row repeated within the block) gives the object already there.

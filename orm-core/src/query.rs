@@ -13,7 +13,7 @@ use crate::session::{unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::Tracked;
 use crate::types::ColumnType;
-use crate::unit::{merge_known, FreshRows, TableState};
+use crate::unit::{FreshRows, TableState};
 
 /// A query bound to a session. `S` is what each row yields: a model `M`
 /// (from `session.query::<M>()`), or after each join a pair of what came
@@ -150,10 +150,10 @@ impl<M: Model> Selection for M {
     fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Tracked<M>>) -> Result<()> {
         let (key, value) = if merger.had_objects {
             let key = M::primary_key_at(row, 0)?;
-            if let Some(existing) = merger.state.known(&key) {
+            if let Some(known) = merger.state.merge_if_known(&key, row, 0)? {
                 // Earlier rows come out first, keeping the rows' order.
                 merger.state.track_fresh(&mut merger.fresh, out);
-                out.push(merge_known(existing, row, 0)?);
+                out.push(known);
                 return Ok(());
             }
             (key, M::from_row(row)?)

@@ -212,8 +212,7 @@ impl Session {
             ObjectStatus::Persistent => {
                 let key = match object.data() {
                     Ok(data) => {
-                        // The key the row was loaded with, should the caller have edited it.
-                        let key = data.loaded.as_deref().unwrap_or(&data.value).primary_key();
+                        let key = data.stored().primary_key();
                         drop(data);
                         unit.identity.holds(&key, object).then_some(key)
                     }
@@ -515,11 +514,7 @@ impl Session {
     /// Reloads an object's row from the database, overwriting its value and
     /// any unflushed change. Errors with `NotFound` when the row is gone.
     pub async fn refresh<M: Model>(&mut self, object: &Tracked<M>) -> Result<()> {
-        let key = {
-            let data = object.data()?;
-            // The key the row was loaded with, should the caller have edited it.
-            data.loaded.as_deref().unwrap_or(&data.value).primary_key()
-        };
+        let key = object.data()?.stored().primary_key();
         let tracked_here = self.unit::<M>().identity.holds(&key, object);
         if !tracked_here {
             return Err(Error::InvalidState(format!(

@@ -135,6 +135,15 @@ pub(crate) struct Shared<M> {
     version: AtomicU64,
 }
 
+impl<M> Data<M> {
+    /// The value as the database last had it: the snapshot if the object
+    /// was changed since, else the value itself. Its key is the row's key,
+    /// even if the caller has edited the key field.
+    pub(crate) fn stored(&self) -> &M {
+        self.loaded.as_deref().unwrap_or(&self.value)
+    }
+}
+
 impl<M> Shared<M> {
     fn new(value: M, status: ObjectStatus, fresh_at: u64) -> Self {
         Shared {

@@ -123,25 +123,18 @@ impl<M: Model> TableState<M> {
     /// nothing from the row.
     pub(crate) fn merge_row(&mut self, row: &Row, offset: usize) -> Result<Tracked<M>> {
         let key = M::primary_key_at(row, offset)?;
-        if !self.deleted.is_empty() {
-            if let Some(known) = self.known(&key) {
-                return merge_known(known, row, offset);
-            }
+        if let Some(known) = self.merge_if_known(&key, row, offset)? {
+            return Ok(known);
         }
-        // One probe of the map whether the row is new or known.
-        let owner = &self.owner;
-        let (object, new) = self.identity.get_or_insert_with(key, || {
-            Ok(block_of_one(
-                M::from_row_at(row, offset)?,
-                ObjectStatus::Persistent,
-                owner,
-            ))
-        })?;
-        if new {
-            Ok(object)
-        } else {
-            merge_known(object, row, offset)
-        }
+        let object = self.track(M::from_row_at(row, offset)?, ObjectStatus::Persistent);
+        self.identity.insert(key, &object);
+        Ok(object)
+    }
+
+    /// The session's object for `key`, with the row (the model's columns
+    /// from `offset` on) merged into it, if the session has one.
+    pub(crate) fn merge_if_known(&self, key: &M::PrimaryKey, row: &Row, offset: usize) -> Result<Option<Tracked<M>>> {
+        self.known(key).map(|known| merge_known(known, row, offset)).transpose()
     }
 
     /// Tracks the held-back rows of a load in one block, puts them in the
@@ -400,7 +393,7 @@ impl<M: Model> TableState<M> {
             let (key, old) = self.deleted.remove(position);
             let row = {
                 let data = old.data()?;
-                data.loaded.as_deref().unwrap_or(&data.value).clone()
+                data.stored().clone()
             };
             old.meta().set_final_status(ObjectStatus::Detached);
             let object = self.new.remove(i);
@@ -838,7 +831,7 @@ impl<M: Model> TableUnit for TableState<M> {
             let writer = {
                 let states = deleted.iter().map(|(_, o)| o.data()).collect::<Result<Vec<_>>>()?;
                 // The key the row was loaded with, not a value edited since.
-                let values: Vec<&M> = states.iter().map(|s| s.loaded.as_deref().unwrap_or(&s.value)).collect();
+                let values: Vec<&M> = states.iter().map(|s| s.stored()).collect();
                 DeleteStatement {
                     table: table.name,
                     using: Some(unnest(&values, table.primary_key, false)),
