@@ -77,6 +77,13 @@ pub trait Dialect: Send + Sync {
         }
     }
 
+    /// Writes `"table"."column"`.
+    fn prepare_column(&self, out: &mut String, table: &str, column: &str) {
+        self.quote_identifier(out, table);
+        out.push('.');
+        self.quote_identifier(out, column);
+    }
+
     /// Writes a comma-separated list of quoted identifiers.
     fn prepare_identifier_list(&self, out: &mut String, idents: &[&str]) {
         for (i, ident) in idents.iter().enumerate() {
@@ -90,19 +97,13 @@ pub trait Dialect: Send + Sync {
     /// Renders an expression.
     fn prepare_expr(&self, w: &mut SqlWriter, expr: &Expr) {
         match expr {
-            Expr::Column(column) => {
-                self.quote_identifier(&mut w.sql, column.table);
-                w.sql.push('.');
-                self.quote_identifier(&mut w.sql, column.column);
-            }
+            Expr::Column(column) => self.prepare_column(&mut w.sql, column.table, column.column),
             Expr::AllColumns(table) => {
                 for (i, column) in table.columns.iter().enumerate() {
                     if i > 0 {
                         w.sql.push_str(", ");
                     }
-                    self.quote_identifier(&mut w.sql, table.name);
-                    w.sql.push('.');
-                    self.quote_identifier(&mut w.sql, column.name);
+                    self.prepare_column(&mut w.sql, table.name, column.name);
                 }
             }
             Expr::Param(_) => self.prepare_param(w),
@@ -251,9 +252,7 @@ pub trait Dialect: Send + Sync {
                     if i > 0 {
                         w.sql.push_str(", ");
                     }
-                    self.quote_identifier(&mut w.sql, alias);
-                    w.sql.push('.');
-                    self.quote_identifier(&mut w.sql, column);
+                    self.prepare_column(&mut w.sql, alias, column);
                 }
                 let ordinality = source.ordinality;
                 w.sql.push_str(" FROM ");
@@ -262,9 +261,7 @@ pub trait Dialect: Send + Sync {
                     // Rows reach the table in this order, so identity values
                     // are assigned in the order the objects were added.
                     w.sql.push_str(" ORDER BY ");
-                    self.quote_identifier(&mut w.sql, alias);
-                    w.sql.push('.');
-                    self.quote_identifier(&mut w.sql, ordinality);
+                    self.prepare_column(&mut w.sql, alias, ordinality);
                 }
             }
         }
@@ -807,11 +804,7 @@ mod tests {
         SelectStatement {
             projection: tables.iter().map(|&table| Expr::AllColumns(table)).collect(),
             from: tables[0].name,
-            joins: Vec::new(),
-            filter: None,
-            order_by: Vec::new(),
-            limit: None,
-            offset: None,
+            ..SelectStatement::default()
         }
     }
 
