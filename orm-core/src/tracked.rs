@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use crate::error::{Error, Result};
 
@@ -13,15 +13,15 @@ use crate::model::Model;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ObjectStatus {
     /// Added, not yet inserted.
-    Pending,
+    Pending = 0,
     /// In the database and in the session's identity map.
-    Persistent,
+    Persistent = 1,
     /// Marked for deletion, or deleted by a flush (and, after the commit,
     /// for good). Rolling back the flush that deleted it detaches it.
-    Deleted,
+    Deleted = 2,
     /// No longer tracked by a session: after `rollback` or `close`, or a
     /// pending object removed with `delete` before it was inserted.
-    Detached,
+    Detached = 3,
 }
 
 /// The object's value and its last known database state.
@@ -74,62 +74,90 @@ impl Owner {
 
 /// The session's bookkeeping, apart from the value so that the session can
 /// update it while the caller holds a borrow of the value.
+///
+/// Atomics rather than a lock: only the session writes them, and it holds
+/// the session exclusively while it does, so no two writers ever race, and
+/// an uncontended lock and unlock cost as much again as the store. A change
+/// that `write()` must see consistently with the value (an object becoming
+/// persistent) is made while the value's lock is held, which `write()`
+/// takes too.
 pub(crate) struct Meta {
-    status: ObjectStatus,
+    status: AtomicU8,
     /// The owner's epoch when the value last matched the row; behind the
     /// owner's epoch means expired (the next load of the row overwrites the
     /// value with fresh database state).
-    fresh_at: u64,
+    fresh_at: AtomicU64,
     /// Set once the status no longer depends on the session (a delete that
     /// was committed, an object the session let go of on its own).
-    settled: bool,
+    settled: AtomicBool,
 }
 
-/// An object's bookkeeping, locked, with the session state it belongs to.
-pub(crate) struct MetaGuard<'a> {
-    meta: MutexGuard<'a, Meta>,
+impl ObjectStatus {
+    fn from_u8(value: u8) -> ObjectStatus {
+        match value {
+            0 => ObjectStatus::Pending,
+            1 => ObjectStatus::Persistent,
+            2 => ObjectStatus::Deleted,
+            _ => ObjectStatus::Detached,
+        }
+    }
+}
+
+/// An object's bookkeeping, with the session state it belongs to.
+pub(crate) struct MetaRef<'a> {
+    meta: &'a Meta,
     owner: &'a Owner,
 }
 
-impl MetaGuard<'_> {
+impl MetaRef<'_> {
+    fn own_status(&self) -> ObjectStatus {
+        ObjectStatus::from_u8(self.meta.status.load(Ordering::Acquire))
+    }
+
+    fn settled(&self) -> bool {
+        self.meta.settled.load(Ordering::Acquire)
+    }
+
     /// The status the caller sees: an object whose session let go of its
     /// objects is detached, whatever it was before.
     pub(crate) fn status(&self) -> ObjectStatus {
-        let meta = &*self.meta;
-        if !meta.settled && meta.status != ObjectStatus::Detached && self.owner.released.load(Ordering::Acquire) {
+        let status = self.own_status();
+        if status != ObjectStatus::Detached && !self.settled() && self.owner.released.load(Ordering::Acquire) {
             ObjectStatus::Detached
         } else {
-            meta.status
+            status
         }
     }
 
     pub(crate) fn set_status(&mut self, status: ObjectStatus) {
-        self.meta.status = status;
+        self.meta.status.store(status as u8, Ordering::Release);
     }
 
     /// Sets a status that stays whatever the session does next.
     pub(crate) fn set_final_status(&mut self, status: ObjectStatus) {
-        self.meta.status = status;
-        self.meta.settled = true;
+        self.meta.status.store(status as u8, Ordering::Release);
+        self.meta.settled.store(true, Ordering::Release);
     }
 
     pub(crate) fn is_expired(&self) -> bool {
-        !self.meta.settled && self.meta.fresh_at < self.owner.epoch.load(Ordering::Acquire)
+        !self.settled() && self.meta.fresh_at.load(Ordering::Acquire) < self.owner.epoch.load(Ordering::Acquire)
     }
 
     pub(crate) fn expire(&mut self) {
-        self.meta.fresh_at = 0;
+        self.meta.fresh_at.store(0, Ordering::Release);
     }
 
     /// The value matches the row again.
     pub(crate) fn refresh(&mut self) {
-        self.meta.fresh_at = self.owner.epoch.load(Ordering::Acquire);
+        self.meta
+            .fresh_at
+            .store(self.owner.epoch.load(Ordering::Acquire), Ordering::Release);
     }
 }
 
 pub(crate) struct Shared<M> {
     data: RwLock<Data<M>>,
-    meta: Mutex<Meta>,
+    meta: Meta,
     /// Counts `write()` borrows, so a flush can tell whether the object
     /// changed between building a statement and marking the object clean.
     version: AtomicU64,
@@ -153,11 +181,11 @@ impl<M> Shared<M> {
                 resend_all: false,
             }),
             version: AtomicU64::new(0),
-            meta: Mutex::new(Meta {
-                status,
-                fresh_at,
-                settled: false,
-            }),
+            meta: Meta {
+                status: AtomicU8::new(status as u8),
+                fresh_at: AtomicU64::new(fresh_at),
+                settled: AtomicBool::new(false),
+            },
         }
     }
 }
@@ -305,9 +333,9 @@ impl<M> Tracked<M> {
 }
 
 impl<M: Model> Tracked<M> {
-    pub(crate) fn meta(&self) -> MetaGuard<'_> {
-        MetaGuard {
-            meta: self.shared().meta.lock().unwrap_or_else(PoisonError::into_inner),
+    pub(crate) fn meta(&self) -> MetaRef<'_> {
+        MetaRef {
+            meta: &self.shared().meta,
             owner: &self.block.owner,
         }
     }
@@ -354,7 +382,6 @@ impl<M: Model> Tracked<M> {
             }
             meta.owner.dirty.store(true, Ordering::Release);
         }
-        drop(meta);
         TrackedMut(data)
     }
 

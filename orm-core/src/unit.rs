@@ -244,12 +244,39 @@ fn integer_at(row: &Row, index: usize) -> Option<i64> {
 }
 
 impl<M: Model> TableState<M> {
+    /// Inserts `new` (the objects added since the last flush): objects whose
+    /// unset columns differ need different column lists, so one statement
+    /// per distinct list, objects keeping their order.
+    async fn insert_all(&mut self, exec: &Executor<'_>, cache: &SqlCache, new: &[Tracked<M>]) -> Result<()> {
+        let mut groups: Vec<(Vec<usize>, Vec<&Tracked<M>>)> = Vec::new();
+        let columns = M::TABLE.columns.len();
+        let mut omitted = Vec::new();
+        for object in new {
+            omitted.clear();
+            {
+                let data = object.data()?;
+                omitted.extend((0..columns).filter(|&c| data.value.column_is_unset(c)));
+            }
+            // Compared element by element: the slices are short, often
+            // empty, and libc's memcmp of an empty slice was measured at a
+            // tenth of a large flush's time.
+            match groups.iter_mut().find(|(key, _)| key.iter().eq(omitted.iter())) {
+                Some((_, members)) => members.push(object),
+                None => groups.push((omitted.clone(), vec![object])),
+            }
+        }
+        for (omitted, objects) in groups {
+            self.insert_group(exec, cache, omitted, objects).await?;
+        }
+        Ok(())
+    }
+
     async fn insert_group(
         &mut self,
         exec: &Executor<'_>,
         cache: &SqlCache,
         omitted: Vec<usize>,
-        objects: Vec<Tracked<M>>,
+        objects: Vec<&Tracked<M>>,
     ) -> Result<()> {
         let table = M::TABLE;
         let explicit: Vec<usize> = (0..table.columns.len()).filter(|c| !omitted.contains(c)).collect();
@@ -262,7 +289,7 @@ impl<M: Model> TableState<M> {
         }
         let returning_names: Vec<&'static str> = returning.iter().map(|&c| table.columns[c].name).collect();
 
-        let versions: Vec<u64> = objects.iter().map(Tracked::version).collect();
+        let versions: Vec<u64> = objects.iter().map(|object| object.version()).collect();
         if explicit.is_empty() {
             // Every column comes from a default: one DEFAULT VALUES row each.
             for object in &objects {
@@ -279,7 +306,7 @@ impl<M: Model> TableState<M> {
                 })?;
                 object.data_mut()?.value.set_from_row(row, &returning)?;
             }
-            return self.mark_inserted(objects, &versions);
+            return self.mark_inserted(&objects, &versions);
         }
 
         if objects.len() >= COPY_THRESHOLD {
@@ -322,7 +349,7 @@ impl<M: Model> TableState<M> {
                     .collect(),
             )
         } else {
-            let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
+            let states = objects.iter().map(|object| object.data()).collect::<Result<Vec<_>>>()?;
             let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
             InsertSource::Unnest(unnest(&values, &explicit, identity.is_some()))
         };
@@ -337,7 +364,7 @@ impl<M: Model> TableState<M> {
         if returning.is_empty() {
             let inserted = exec.execute(&writer.sql, &writer.params).await?;
             check_count(table, "insert", objects.len(), inserted)?;
-            return self.mark_inserted(objects, &versions);
+            return self.mark_inserted(&objects, &versions);
         }
 
         let rows = exec.query(&writer.sql, &writer.params).await?;
@@ -352,9 +379,12 @@ impl<M: Model> TableState<M> {
                 .map(|row| (integer_at(row, position).unwrap_or(i64::MAX), row))
                 .collect();
             keyed.sort_by_key(|(key, _)| *key);
-            for (object, (_, row)) in objects.iter().zip(keyed) {
-                object.data_mut()?.value.set_from_row(row, &returning)?;
+            for ((object, (_, row)), &version) in objects.iter().zip(keyed).zip(&versions) {
+                let mut data = object.data_mut()?;
+                data.value.set_from_row(row, &returning)?;
+                self.mark_inserted_locked(object, &mut data, version);
             }
+            return Ok(());
         } else {
             let mut index: HashMap<M::PrimaryKey, usize> = HashMap::with_capacity(objects.len());
             for (i, object) in objects.iter().enumerate() {
@@ -369,7 +399,7 @@ impl<M: Model> TableState<M> {
                 objects[i].data_mut()?.value.set_from_row(row, &returning)?;
             }
         }
-        self.mark_inserted(objects, &versions)
+        self.mark_inserted(&objects, &versions)
     }
 
     /// A new object with the key of an object deleted in the same flush
@@ -405,8 +435,9 @@ impl<M: Model> TableState<M> {
                     }
                 }
                 data.loaded = Some(Box::new(row));
+                // Under the value's lock, as in `mark_inserted_locked`.
+                object.meta().set_status(ObjectStatus::Persistent);
             }
-            object.meta().set_status(ObjectStatus::Persistent);
             self.owner.dirty.store(true, Ordering::Release);
             self.identity.insert(key, &object);
         }
@@ -443,7 +474,7 @@ impl<M: Model> TableState<M> {
         exec: &Executor<'_>,
         cache: &SqlCache,
         keys: Option<(usize, Vec<i64>)>,
-        objects: Vec<Tracked<M>>,
+        objects: Vec<&Tracked<M>>,
         types: &[Type],
         versions: &[u64],
     ) -> Result<()> {
@@ -451,36 +482,48 @@ impl<M: Model> TableState<M> {
         let keys = keys.as_ref().map(|(column, keys)| (*column, keys.as_slice()));
         let copied = copy_in(exec, cache, &objects, types, keys).await?;
         check_count(table, "insert", objects.len(), copied)?;
-        if let Some((column, keys)) = keys {
-            let mut states = objects.iter().map(Tracked::data_mut).collect::<Result<Vec<_>>>()?;
-            for (state, &key) in states.iter_mut().zip(keys) {
-                if !state.value.assign_key(column, key) {
-                    return Err(Error::InvalidState(format!(
-                        "key {key} from the sequence of {}.{} does not fit the field",
-                        table.name, table.columns[column].name
-                    )));
-                }
+        let Some((column, keys)) = keys else {
+            return self.mark_inserted(&objects, versions);
+        };
+        let mut states = objects
+            .iter()
+            .map(|object| object.data_mut())
+            .collect::<Result<Vec<_>>>()?;
+        for (state, &key) in states.iter_mut().zip(keys) {
+            if !state.value.assign_key(column, key) {
+                return Err(Error::InvalidState(format!(
+                    "key {key} from the sequence of {}.{} does not fit the field",
+                    table.name, table.columns[column].name
+                )));
             }
         }
-        self.mark_inserted(objects, versions)
-    }
-
-    fn mark_inserted(&mut self, objects: Vec<Tracked<M>>, versions: &[u64]) -> Result<()> {
         self.identity.reserve(objects.len());
-        for (object, &version) in objects.into_iter().zip(versions) {
-            let key = {
-                let mut data = object.data_mut()?;
-                self.settle_locked(&object, &mut data, version);
-                data.value.primary_key()
-            };
-            object.meta().set_status(ObjectStatus::Persistent);
-            if let Some(previous) = self.identity.insert(key, &object) {
-                // The row that object stood for was deleted behind the
-                // session's back; the new row replaces it.
-                previous.meta().set_final_status(ObjectStatus::Detached);
-            }
+        for ((object, state), &version) in objects.iter().zip(&mut states).zip(versions) {
+            self.mark_inserted_locked(object, state, version);
         }
         Ok(())
+    }
+
+    fn mark_inserted(&mut self, objects: &[&Tracked<M>], versions: &[u64]) -> Result<()> {
+        self.identity.reserve(objects.len());
+        for (object, &version) in objects.iter().zip(versions) {
+            self.mark_inserted_locked(object, &mut *object.data_mut()?, version);
+        }
+        Ok(())
+    }
+
+    /// Marks an inserted object persistent and puts it in the identity map,
+    /// while the caller holds its value locked: a `write()` racing with the
+    /// flush then sees the object either pending or persistent with its
+    /// value settled, never persistent before the value is.
+    fn mark_inserted_locked(&mut self, object: &Tracked<M>, data: &mut Data<M>, version: u64) {
+        self.settle_locked(object, data, version);
+        object.meta().set_status(ObjectStatus::Persistent);
+        if let Some(previous) = self.identity.insert(data.value.primary_key(), object) {
+            // The row that object stood for was deleted behind the
+            // session's back; the new row replaces it.
+            previous.meta().set_final_status(ObjectStatus::Detached);
+        }
     }
 }
 
@@ -523,7 +566,7 @@ fn binary_copy_types(table: &'static TableDef) -> Option<Vec<Type>> {
 async fn copy_in<M: Model>(
     exec: &Executor<'_>,
     cache: &SqlCache,
-    objects: &[Tracked<M>],
+    objects: &[&Tracked<M>],
     types: &[Type],
     keys: Option<(usize, &[i64])>,
 ) -> Result<u64> {
@@ -756,32 +799,14 @@ impl<M: Model> TableUnit for TableState<M> {
             if self.new.is_empty() {
                 return Ok(());
             }
-            // Objects whose unset columns differ need different column lists:
-            // one statement per distinct list, objects keeping their order.
             // The list is emptied only once every group is in: after a failure
             // the objects are still listed, so a rollback detaches them all.
-            let mut groups: Vec<(Vec<usize>, Vec<Tracked<M>>)> = Vec::new();
-            let columns = M::TABLE.columns.len();
-            let mut omitted = Vec::new();
-            for object in &self.new {
-                omitted.clear();
-                {
-                    let data = object.data()?;
-                    omitted.extend((0..columns).filter(|&c| data.value.column_is_unset(c)));
-                }
-                // Compared element by element: the slices are short, often
-                // empty, and libc's memcmp of an empty slice was measured at
-                // a tenth of a large flush's time.
-                match groups.iter_mut().find(|(key, _)| key.iter().eq(omitted.iter())) {
-                    Some((_, members)) => members.push(object.clone()),
-                    None => groups.push((omitted.clone(), vec![object.clone()])),
-                }
+            let new = std::mem::take(&mut self.new);
+            let result = self.insert_all(exec, cache, &new).await;
+            if result.is_err() {
+                self.new = new;
             }
-            for (omitted, objects) in groups {
-                self.insert_group(exec, cache, omitted, objects).await?;
-            }
-            self.new.clear();
-            Ok(())
+            result
         })
     }
 
