@@ -28,8 +28,19 @@ struct Kept<M> {
 ///
 /// The map lets go of a block once it holds none of its objects (all
 /// deleted, say), so a long-lived session does not accumulate them.
+///
+/// A load whose keys arrive in strictly ascending order (a query ordered by
+/// the key, or a table read in the order it was filled) can repeat no key,
+/// so if the map was empty when it began, its blocks need no hashing while
+/// rows stream in: they are kept *unindexed*, with their keys, and hashed
+/// on the first lookup or change. A read-only session never pays for it.
 pub(crate) struct Identities<M: Model> {
     slots: HashMap<M::PrimaryKey, Slot, foldhash::fast::RandomState>,
+    /// Blocks kept but not in `slots` yet, each with its objects' keys, in
+    /// order; no key among them repeats, nor is any in `slots`.
+    unindexed: Vec<(u32, Vec<M::PrimaryKey>)>,
+    /// How many objects `unindexed` holds.
+    unindexed_len: usize,
     blocks: Vec<Option<Kept<M>>>,
     /// Places in `blocks` free for the next block.
     free: Vec<u32>,
@@ -42,6 +53,8 @@ impl<M: Model> Default for Identities<M> {
     fn default() -> Self {
         Identities {
             slots: HashMap::default(),
+            unindexed: Vec::new(),
+            unindexed_len: 0,
             blocks: Vec::new(),
             free: Vec::new(),
             last: None,
@@ -64,26 +77,45 @@ fn handle<M>(blocks: &[Option<Kept<M>>], slot: Slot) -> Tracked<M> {
 
 impl<M: Model> Identities<M> {
     pub(crate) fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.unindexed_len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.len() == 0
+    }
+
+    /// Hashes the unindexed blocks' keys, before anything looks a key up or
+    /// changes the map.
+    fn index(&mut self) {
+        if self.unindexed.is_empty() {
+            return;
+        }
+        self.slots.reserve(self.unindexed_len);
+        for (block, keys) in std::mem::take(&mut self.unindexed) {
+            for (index, key) in (0..).zip(keys) {
+                let previous = self.slots.insert(key, Slot { block, index });
+                debug_assert!(previous.is_none(), "unindexed keys never repeat");
+            }
+        }
+        self.unindexed_len = 0;
     }
 
     /// The object for `key`.
-    pub(crate) fn get(&self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
+    pub(crate) fn get(&mut self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
+        self.index();
         self.slots.get(key).map(|&slot| handle(&self.blocks, slot))
     }
 
     /// Whether `object` is the map's object for `key`.
-    pub(crate) fn holds(&self, key: &M::PrimaryKey, object: &Tracked<M>) -> bool {
+    pub(crate) fn holds(&mut self, key: &M::PrimaryKey, object: &Tracked<M>) -> bool {
+        self.index();
         self.slots.get(key).is_some_and(|&slot| self.is(slot, object))
     }
 
     /// The key under which the map holds `object`, found by visiting every
     /// entry.
-    pub(crate) fn key_of(&self, object: &Tracked<M>) -> Option<M::PrimaryKey> {
+    pub(crate) fn key_of(&mut self, object: &Tracked<M>) -> Option<M::PrimaryKey> {
+        self.index();
         self.slots
             .iter()
             .find(|(_, &slot)| self.is(slot, object))
@@ -95,6 +127,7 @@ impl<M: Model> Identities<M> {
     }
 
     pub(crate) fn remove(&mut self, key: &M::PrimaryKey) {
+        self.index();
         if let Some(slot) = self.slots.remove(key) {
             self.release(slot.block);
         }
@@ -139,6 +172,7 @@ impl<M: Model> Identities<M> {
     /// Puts `object` in the map under `key`, returning the object it
     /// replaces.
     pub(crate) fn insert(&mut self, key: M::PrimaryKey, object: &Tracked<M>) -> Option<Tracked<M>> {
+        self.index();
         let slot = self.slot_of(object);
         let previous = self.slots.insert(key, slot)?;
         let replaced = handle(&self.blocks, previous);
@@ -174,6 +208,7 @@ impl<M: Model> Identities<M> {
         block: Block<M>,
         out: &mut Vec<Tracked<M>>,
     ) {
+        self.index();
         let len = block.len() as u32;
         let id = self.keep(block, 0);
         let mut live = 0;
@@ -195,8 +230,35 @@ impl<M: Model> Identities<M> {
         self.release(id);
     }
 
+    /// Keeps a block of newly tracked objects without hashing their keys
+    /// (see the type's description), and appends the objects to `out` in
+    /// order. The caller guarantees that no key repeats within the block or
+    /// is in the map already.
+    pub(crate) fn insert_unindexed(&mut self, keys: Vec<M::PrimaryKey>, block: Block<M>, out: &mut Vec<Tracked<M>>) {
+        debug_assert_eq!(keys.len(), block.len());
+        let len = block.len() as u32;
+        let id = self.keep(block, len);
+        out.extend((0..len).map(|index| handle(&self.blocks, Slot { block: id, index })));
+        self.unindexed_len += keys.len();
+        self.unindexed.push((id, keys));
+    }
+
+    /// The last key of the unindexed blocks: a load that goes on with a
+    /// greater key may stay unindexed.
+    pub(crate) fn last_unindexed_key(&self) -> Option<&M::PrimaryKey> {
+        self.unindexed.last().and_then(|(_, keys)| keys.last())
+    }
+
     /// Every entry, with a handle to its object.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Tracked<M>)> + '_ {
-        self.slots.iter().map(|(key, &slot)| (key, handle(&self.blocks, slot)))
+        let unindexed = self.unindexed.iter().flat_map(move |(block, keys)| {
+            (0..)
+                .zip(keys)
+                .map(move |(index, key)| (key, handle(&self.blocks, Slot { block: *block, index })))
+        });
+        self.slots
+            .iter()
+            .map(|(key, &slot)| (key, handle(&self.blocks, slot)))
+            .chain(unindexed)
     }
 }

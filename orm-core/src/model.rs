@@ -113,7 +113,7 @@ impl TableDef {
 pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// The primary key's Rust type: the key field's type, or a tuple of them
     /// for a composite key.
-    type PrimaryKey: Clone + Eq + Hash + Debug + Send + Sync + 'static;
+    type PrimaryKey: Clone + Ord + Hash + Debug + Send + Sync + 'static;
 
     /// The table's description.
     const TABLE: &'static TableDef;

@@ -108,6 +108,10 @@ pub struct IdentityMap<'u, M: Model> {
     /// not, no row can belong to an object it knew, and a key repeated
     /// within the load is caught when the rows are tracked.
     had_objects: bool,
+    /// Whether the load's blocks may go into the identity map unindexed:
+    /// the session held no objects of `M` when it began, and every row's key
+    /// so far was greater than the one before, so no key can repeat.
+    unindexed: bool,
 }
 
 impl<M: Model> std::fmt::Debug for IdentityMap<'_, M> {
@@ -139,8 +143,10 @@ impl<M: Model> Selection for M {
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
         let state = unit_of::<M>(units.0);
+        let had_objects = state.has_objects();
         IdentityMap {
-            had_objects: state.has_objects(),
+            had_objects,
+            unindexed: !had_objects,
             state,
             fresh: FreshRows::default(),
         }
@@ -152,23 +158,28 @@ impl<M: Model> Selection for M {
             let key = M::primary_key_at(row, 0)?;
             if let Some(known) = merger.state.merge_if_known(&key, row, 0)? {
                 // Earlier rows come out first, keeping the rows' order.
-                merger.state.track_fresh(&mut merger.fresh, out);
+                merger.state.track_fresh(&mut merger.fresh, false, out);
                 out.push(known);
                 return Ok(());
             }
             (key, M::from_row(row)?)
         } else {
             let value = M::from_row(row)?;
-            (value.primary_key(), value)
+            let key = value.primary_key();
+            if merger.unindexed {
+                let last = (merger.fresh.last_key()).or_else(|| merger.state.identity.last_unindexed_key());
+                merger.unindexed = last.is_none_or(|last| key > *last);
+            }
+            (key, value)
         };
         if merger.fresh.push(key, value) {
-            merger.state.track_fresh(&mut merger.fresh, out);
+            merger.state.track_fresh(&mut merger.fresh, merger.unindexed, out);
         }
         Ok(())
     }
 
     fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Tracked<M>>) {
-        merger.state.track_fresh(&mut merger.fresh, out);
+        merger.state.track_fresh(&mut merger.fresh, merger.unindexed, out);
     }
 
     #[inline]

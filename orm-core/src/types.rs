@@ -59,13 +59,14 @@ pub trait ColumnType: ToSql + for<'a> FromSql<'a> + Clone + PartialEq + Send + S
 pub trait NotNullColumnType: ColumnType {}
 
 /// A column type that can be (part of) a primary key: never NULL, and
-/// compared exactly, since the identity map hashes keys.
+/// compared exactly and ordered, since the identity map hashes keys and
+/// notices loads whose keys ascend.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a primary key column",
     label = "a primary key needs a non-null type that compares exactly",
     note = "use i16, i32, i64, bool, String or Vec<u8>; a primary key cannot be Option<T> or a float"
 )]
-pub trait PrimaryKeyColumnType: NotNullColumnType + Eq + std::hash::Hash {}
+pub trait PrimaryKeyColumnType: NotNullColumnType + Ord + std::hash::Hash {}
 
 /// A column type that accepts NULL: `Option<T>`.
 #[diagnostic::on_unimplemented(

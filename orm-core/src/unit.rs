@@ -108,7 +108,7 @@ impl<M: Model> TableState<M> {
     /// The session's object for a loaded row's key, if it has one. An object
     /// marked for deletion but not flushed yet (autoflush off) is still the
     /// session's one object for the row.
-    pub(crate) fn known(&self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
+    pub(crate) fn known(&mut self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
         if !self.deleted.is_empty() {
             if let Some((_, deleted)) = self.deleted.iter().find(|(deleted, _)| deleted == key) {
                 return Some(deleted.clone());
@@ -133,21 +133,34 @@ impl<M: Model> TableState<M> {
 
     /// The session's object for `key`, with the row (the model's columns
     /// from `offset` on) merged into it, if the session has one.
-    pub(crate) fn merge_if_known(&self, key: &M::PrimaryKey, row: &Row, offset: usize) -> Result<Option<Tracked<M>>> {
+    pub(crate) fn merge_if_known(
+        &mut self,
+        key: &M::PrimaryKey,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Option<Tracked<M>>> {
         self.known(key).map(|known| merge_known(known, row, offset)).transpose()
     }
 
     /// Tracks the held-back rows of a load in one block, puts them in the
-    /// identity map and appends their objects to `out`.
-    pub(crate) fn track_fresh(&mut self, fresh: &mut FreshRows<M>, out: &mut Vec<Tracked<M>>) {
-        if fresh.values.is_empty() {
+    /// identity map (`unindexed`: without hashing their keys, which the
+    /// caller knows to be new and distinct) and appends their objects to
+    /// `out`.
+    pub(crate) fn track_fresh(&mut self, fresh: &mut FreshRows<M>, unindexed: bool, out: &mut Vec<Tracked<M>>) {
+        let rows = fresh.values.len();
+        if rows == 0 {
             return;
         }
-        self.identity.reserve(fresh.values.len());
         let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
-        // A key repeated among the held-back rows gives the first row's
-        // object for both, as it would have row by row.
-        self.identity.insert_block(fresh.keys.drain(..), block, out);
+        if unindexed {
+            let keys = std::mem::replace(&mut fresh.keys, Vec::with_capacity(MAX_BLOCK));
+            self.identity.insert_unindexed(keys, block, out);
+        } else {
+            self.identity.reserve(rows);
+            // A key repeated among the held-back rows gives the first row's
+            // object for both, as it would have row by row.
+            self.identity.insert_block(fresh.keys.drain(..), block, out);
+        }
     }
 
     /// Changed columns of every persistent object with changes, grouped by
@@ -736,6 +749,11 @@ impl<M: Model> Default for FreshRows<M> {
 }
 
 impl<M: Model> FreshRows<M> {
+    /// The key of the row held back last.
+    pub(crate) fn last_key(&self) -> Option<&M::PrimaryKey> {
+        self.keys.last()
+    }
+
     /// Holds a row back; true once a block's worth is waiting.
     pub(crate) fn push(&mut self, key: M::PrimaryKey, value: M) -> bool {
         self.keys.push(key);

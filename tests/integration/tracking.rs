@@ -96,6 +96,62 @@ async fn a_large_load_keeps_row_order_and_meets_known_objects_where_they_fall() 
     );
 }
 
+/// A fresh session's load whose keys ascend is kept unindexed until
+/// something looks a key up: every way of reaching its objects must find
+/// them all the same.
+#[tokio::test]
+async fn a_load_in_key_order_is_found_by_every_later_lookup() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 200) AS i")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users = session.query::<User>().order_by(User::id).all().await.unwrap();
+    assert_eq!(users.len(), 200);
+
+    // A flush finds changes to its objects before any lookup.
+    users[70].write().email = Some("seventy-one@example.com".to_owned());
+    users[199].write().name = "last".to_owned();
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT name || ' ' || coalesce(email, '-') FROM users WHERE id IN (71, 200) ORDER BY id")
+            .await,
+        ["user 71 seventy-one@example.com", "last -"]
+    );
+
+    // Loaded again, in another order: the same objects.
+    let again = session.query::<User>().order_by(User::id.desc()).all().await.unwrap();
+    assert!(again.iter().rev().zip(&users).all(|(a, b)| a.ptr_eq(b)));
+
+    // Every object is in the identity map: no query for any of them.
+    let echo = EchoCapture::start();
+    for (user, id) in users.iter().zip(1..) {
+        assert!(session.get::<User>(id).await.unwrap().unwrap().ptr_eq(user));
+    }
+    assert!(echo.take().is_empty(), "answered from the identity map");
+
+    session.delete(&users[9]).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT count(*)::text FROM users").await, ["199"]);
+    assert_eq!(users[9].status(), ObjectStatus::Deleted);
+}
+
+/// A delete, the first thing after a load in key order, finds the object
+/// in the unindexed blocks, and the next load does not bring it back.
+#[tokio::test]
+async fn a_delete_right_after_a_load_in_key_order_meets_its_object() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 100) AS i")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users = session.query::<User>().order_by(User::id).all().await.unwrap();
+    session.delete(&users[99]).unwrap();
+    let rest = session.query::<User>().order_by(User::id).all().await.unwrap();
+    assert_eq!(rest.len(), 99, "the delete was flushed before the query");
+    assert!(rest.iter().zip(&users).all(|(a, b)| a.ptr_eq(b)));
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT count(*)::text FROM users").await, ["99"]);
+}
+
 #[tokio::test]
 async fn rows_repeating_a_key_in_one_load_are_one_object() {
     let db = test_db().await;
