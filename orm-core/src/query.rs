@@ -45,7 +45,7 @@ pub struct Query<'s, S> {
 /// `J` the joined model `B` (inner join) or `Option<B>` (left join).
 pub trait Selection: 'static {
     /// The loaded value: `Tracked<M>`, or nested pairs of them.
-    type Output: Send;
+    type Output: Clone + Send;
     /// The row as plain values, untracked: `M`, or nested pairs of them.
     type Value: Send;
     #[doc(hidden)]
@@ -59,6 +59,10 @@ pub trait Selection: 'static {
     /// How many columns each row carries.
     #[doc(hidden)]
     fn width() -> usize;
+    /// The positions of the primary key columns of each model, in a row
+    /// whose columns for this selection start at `offset`.
+    #[doc(hidden)]
+    fn key_columns(offset: usize, out: &mut Vec<usize>);
     /// The selected columns: every column of each model, in order.
     #[doc(hidden)]
     fn projection() -> Vec<Expr> {
@@ -141,6 +145,10 @@ impl<M: Model> Selection for M {
         M::TABLE.columns.len()
     }
 
+    fn key_columns(offset: usize, out: &mut Vec<usize>) {
+        out.extend(M::TABLE.primary_key.iter().map(|&c| offset + c));
+    }
+
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
         let state = unit_of::<M>(units.0);
         let had_objects = state.has_objects();
@@ -199,7 +207,7 @@ pub trait Joined: 'static {
     /// The joined model.
     type Model: Model;
     /// What each row yields for it.
-    type Output: Send;
+    type Output: Clone + Send;
     /// What each row yields for it as a plain value, untracked.
     type Value: Send;
     /// Decodes the model's columns from `offset` on and merges them.
@@ -278,11 +286,79 @@ impl<B: Model> Joined for Option<B> {
     }
 }
 
+/// A value of any type, as its raw bytes (`None` for NULL).
+struct RawValue<'a>(Option<&'a [u8]>);
+
+impl<'a> FromSql<'a> for RawValue<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(Some(raw)))
+    }
+
+    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(None))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Merges the rows of a join. A join repeats the left side (a user, for
+/// each of its posts) on consecutive rows, most often: the merger keeps the
+/// left side's keys, as the row's bytes, and its objects from the row
+/// before, and a row with the same keys reuses them, skipping the lookups.
+/// That is sound because the same key bytes decode to the same keys, whose
+/// objects the session already merged that row into.
+#[doc(hidden)]
+pub struct JoinMerger<'u, S: Selection> {
+    units: SessionUnits<'u>,
+    /// Where the left side's key columns are in a row.
+    key_columns: Vec<usize>,
+    /// The left side's keys in this row and in the row before, each
+    /// column as a length (or `u32::MAX` for NULL) and its bytes.
+    key: Vec<u8>,
+    last_key: Vec<u8>,
+    last: Option<S::Output>,
+}
+
+impl<S: Selection> std::fmt::Debug for JoinMerger<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinMerger")
+            .field("key_columns", &self.key_columns)
+            .finish()
+    }
+}
+
+impl<S: Selection> JoinMerger<'_, S> {
+    /// The left side of `row`: the row before's if its keys are the same.
+    fn left(&mut self, row: &Row) -> Result<S::Output> {
+        self.key.clear();
+        for &column in &self.key_columns {
+            let RawValue(raw) = row.try_get(column).map_err(Error::from_driver)?;
+            match raw {
+                Some(bytes) => {
+                    self.key.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
+                    self.key.extend_from_slice(bytes);
+                }
+                None => self.key.extend_from_slice(&u32::MAX.to_ne_bytes()),
+            }
+        }
+        if let Some(last) = &self.last {
+            if self.key == self.last_key {
+                return Ok(last.clone());
+            }
+        }
+        let left = S::merge_at(&mut self.units, row, 0)?;
+        std::mem::swap(&mut self.key, &mut self.last_key);
+        self.last = Some(left.clone());
+        Ok(left)
+    }
+}
+
 impl<S: Selection, J: Joined> Selection for (S, J) {
     type Output = (S::Output, J::Output);
     type Value = (S::Value, J::Value);
-    // Several models: each row finds each model's map, one probe apiece.
-    type Merger<'u> = SessionUnits<'u>;
+    type Merger<'u> = JoinMerger<'u, S>;
 
     fn root() -> &'static TableDef {
         S::root()
@@ -297,13 +373,28 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
         S::width() + J::Model::TABLE.columns.len()
     }
 
+    fn key_columns(offset: usize, out: &mut Vec<usize>) {
+        S::key_columns(offset, out);
+        out.extend(J::Model::TABLE.primary_key.iter().map(|&c| offset + S::width() + c));
+    }
+
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        units
+        let mut key_columns = Vec::new();
+        S::key_columns(0, &mut key_columns);
+        JoinMerger {
+            units,
+            key_columns,
+            key: Vec::new(),
+            last_key: Vec::new(),
+            last: None,
+        }
     }
 
     #[inline]
-    fn merge(units: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()> {
-        out.push(Self::merge_at(units, row, 0)?);
+    fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()> {
+        let left = merger.left(row)?;
+        let right = J::merge_at(&mut merger.units, row, S::width())?;
+        out.push((left, right));
         Ok(())
     }
 

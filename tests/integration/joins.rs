@@ -436,3 +436,41 @@ async fn joins_chain_across_three_models_as_nested_pairs() {
         5
     );
 }
+
+/// A join reuses the left side's objects from the row before when its key
+/// repeats; a parent that comes back after another one, or that a commit
+/// expired, must still be the session's one object, refreshed.
+#[tokio::test]
+async fn a_parent_on_consecutive_or_scattered_rows_is_one_object_refreshed_once() {
+    let (db, mut session) = seeded().await;
+    let patrick = session
+        .query::<User>()
+        .filter(User::name.eq("patrick"))
+        .one()
+        .await
+        .unwrap();
+    session.commit().await.unwrap();
+    // Behind the session's back: its objects are expired by the commit, so
+    // the next load takes the new name.
+    db.execute("UPDATE users SET name = 'sandra' WHERE name = 'sandy'")
+        .await;
+
+    // In title order: acorns, karate (sandy), rock (patrick), texas (sandy).
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .order_by(Post::title)
+        .all()
+        .await
+        .unwrap();
+    let names: Vec<String> = rows.iter().map(|(user, _)| user.read().name.clone()).collect();
+    assert_eq!(names, ["sandra", "sandra", "patrick", "sandra"]);
+    assert!(rows[0].0.ptr_eq(&rows[1].0) && rows[1].0.ptr_eq(&rows[3].0));
+    assert!(rows[2].0.ptr_eq(&patrick));
+    assert!(!rows[0].0.ptr_eq(&patrick));
+    let posts: Vec<String> = rows.iter().map(|(_, post)| post.read().title.clone()).collect();
+    assert_eq!(posts, ["acorns", "karate", "rock", "texas"]);
+    for pair in rows.windows(2) {
+        assert!(!pair[0].1.ptr_eq(&pair[1].1), "one post per row");
+    }
+}
