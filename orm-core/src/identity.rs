@@ -4,6 +4,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::error::Result;
 use crate::model::Model;
 use crate::tracked::{Block, Tracked};
 
@@ -19,6 +20,93 @@ struct Slot {
 struct Kept<M> {
     block: Block<M>,
     live: u32,
+}
+
+/// The blocks an identity map keeps alive, each at a place that slots name.
+struct KeptBlocks<M> {
+    blocks: Vec<Option<Kept<M>>>,
+    /// Places in `blocks` free for the next block.
+    free: Vec<u32>,
+    /// The block kept last, which objects inserted one by one (after a
+    /// flush) most often share.
+    last: Option<u32>,
+}
+
+impl<M> KeptBlocks<M> {
+    /// The block at `id`; a slot only ever names a kept block.
+    fn block_at(&self, id: u32) -> &Block<M> {
+        match &self.blocks[id as usize] {
+            Some(kept) => &kept.block,
+            None => unreachable!("a slot names a block the map keeps"),
+        }
+    }
+
+    /// A handle to the object in `slot`.
+    fn handle(&self, slot: Slot) -> Tracked<M> {
+        Tracked::in_block(self.block_at(slot.block), slot.index)
+    }
+
+    fn is(&self, slot: Slot, object: &Tracked<M>) -> bool {
+        object.is_in(self.block_at(slot.block), slot.index)
+    }
+
+    /// Keeps `block`, holding `live` of its objects, and returns its place.
+    fn keep(&mut self, block: Block<M>, live: u32) -> u32 {
+        let kept = Some(Kept { block, live });
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.blocks[id as usize] = kept;
+                id
+            }
+            None => {
+                self.blocks.push(kept);
+                u32::try_from(self.blocks.len() - 1).unwrap_or_else(|_| unreachable!("2^32 blocks"))
+            }
+        };
+        self.last = Some(id);
+        id
+    }
+
+    /// Sets how many objects of the block at `id` the map holds.
+    fn set_live(&mut self, id: u32, live: u32) {
+        if let Some(kept) = &mut self.blocks[id as usize] {
+            kept.live = live;
+        }
+    }
+
+    /// One object of the block at `id` left the map; the block goes with
+    /// its last one.
+    fn release(&mut self, id: u32) {
+        if let Some(kept) = &mut self.blocks[id as usize] {
+            kept.live -= 1;
+            if kept.live == 0 {
+                self.blocks[id as usize] = None;
+                self.free.push(id);
+                if self.last == Some(id) {
+                    self.last = None;
+                }
+            }
+        }
+    }
+
+    /// The slot of an object made elsewhere (by `add`, or a join's row),
+    /// counted as held. Objects of one block usually arrive one after
+    /// another, so the block is kept once for all of them.
+    fn slot_of(&mut self, object: &Tracked<M>) -> Slot {
+        let (block, index) = object.place();
+        let last = self.last.and_then(|id| match &mut self.blocks[id as usize] {
+            Some(kept) if Arc::ptr_eq(&kept.block, block) => {
+                kept.live += 1;
+                Some(id)
+            }
+            _ => None,
+        });
+        let id = match last {
+            Some(id) => id,
+            None => self.keep(Arc::clone(block), 1),
+        };
+        Slot { block: id, index }
+    }
 }
 
 /// The identity map of one model. An entry is a slot in one of the blocks
@@ -41,12 +129,7 @@ pub(crate) struct Identities<M: Model> {
     unindexed: Vec<(u32, Vec<M::PrimaryKey>)>,
     /// How many objects `unindexed` holds.
     unindexed_len: usize,
-    blocks: Vec<Option<Kept<M>>>,
-    /// Places in `blocks` free for the next block.
-    free: Vec<u32>,
-    /// The block kept last, which objects inserted one by one (after a
-    /// flush) most often share.
-    last: Option<u32>,
+    kept: KeptBlocks<M>,
 }
 
 impl<M: Model> Default for Identities<M> {
@@ -55,24 +138,13 @@ impl<M: Model> Default for Identities<M> {
             slots: HashMap::default(),
             unindexed: Vec::new(),
             unindexed_len: 0,
-            blocks: Vec::new(),
-            free: Vec::new(),
-            last: None,
+            kept: KeptBlocks {
+                blocks: Vec::new(),
+                free: Vec::new(),
+                last: None,
+            },
         }
     }
-}
-
-/// The block at `id`; a slot only ever names a kept block.
-fn block_at<M>(blocks: &[Option<Kept<M>>], id: u32) -> &Block<M> {
-    match &blocks[id as usize] {
-        Some(kept) => &kept.block,
-        None => unreachable!("a slot names a block the map keeps"),
-    }
-}
-
-/// A handle to the object in `slot`.
-fn handle<M>(blocks: &[Option<Kept<M>>], slot: Slot) -> Tracked<M> {
-    Tracked::in_block(block_at(blocks, slot.block), slot.index)
 }
 
 impl<M: Model> Identities<M> {
@@ -86,10 +158,15 @@ impl<M: Model> Identities<M> {
 
     /// Hashes the unindexed blocks' keys, before anything looks a key up or
     /// changes the map.
+    #[inline]
     fn index(&mut self) {
-        if self.unindexed.is_empty() {
-            return;
+        if !self.unindexed.is_empty() {
+            self.index_unindexed();
         }
+    }
+
+    #[cold]
+    fn index_unindexed(&mut self) {
         self.slots.reserve(self.unindexed_len);
         for (block, keys) in std::mem::take(&mut self.unindexed) {
             for (index, key) in (0..).zip(keys) {
@@ -103,13 +180,32 @@ impl<M: Model> Identities<M> {
     /// The object for `key`.
     pub(crate) fn get(&mut self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
         self.index();
-        self.slots.get(key).map(|&slot| handle(&self.blocks, slot))
+        self.slots.get(key).map(|&slot| self.kept.handle(slot))
+    }
+
+    /// The object for `key`, or else the one `track` makes, put in the map
+    /// under `key`: one probe either way. The flag tells whether the object
+    /// was there already.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        key: M::PrimaryKey,
+        track: impl FnOnce() -> Result<Tracked<M>>,
+    ) -> Result<(Tracked<M>, bool)> {
+        self.index();
+        match self.slots.entry(key) {
+            Entry::Occupied(entry) => Ok((self.kept.handle(*entry.get()), true)),
+            Entry::Vacant(entry) => {
+                let object = track()?;
+                entry.insert(self.kept.slot_of(&object));
+                Ok((object, false))
+            }
+        }
     }
 
     /// Whether `object` is the map's object for `key`.
     pub(crate) fn holds(&mut self, key: &M::PrimaryKey, object: &Tracked<M>) -> bool {
         self.index();
-        self.slots.get(key).is_some_and(|&slot| self.is(slot, object))
+        self.slots.get(key).is_some_and(|&slot| self.kept.is(slot, object))
     }
 
     /// The key under which the map holds `object`, found by visiting every
@@ -118,18 +214,14 @@ impl<M: Model> Identities<M> {
         self.index();
         self.slots
             .iter()
-            .find(|(_, &slot)| self.is(slot, object))
+            .find(|(_, &slot)| self.kept.is(slot, object))
             .map(|(key, _)| key.clone())
-    }
-
-    fn is(&self, slot: Slot, object: &Tracked<M>) -> bool {
-        object.is_in(block_at(&self.blocks, slot.block), slot.index)
     }
 
     pub(crate) fn remove(&mut self, key: &M::PrimaryKey) {
         self.index();
         if let Some(slot) = self.slots.remove(key) {
-            self.release(slot.block);
+            self.kept.release(slot.block);
         }
     }
 
@@ -137,66 +229,15 @@ impl<M: Model> Identities<M> {
         self.slots.reserve(additional);
     }
 
-    /// Keeps `block`, holding `live` of its objects, and returns its place.
-    fn keep(&mut self, block: Block<M>, live: u32) -> u32 {
-        let kept = Some(Kept { block, live });
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.blocks[id as usize] = kept;
-                id
-            }
-            None => {
-                self.blocks.push(kept);
-                u32::try_from(self.blocks.len() - 1).unwrap_or_else(|_| unreachable!("2^32 blocks"))
-            }
-        };
-        self.last = Some(id);
-        id
-    }
-
-    /// One object of the block at `id` left the map; the block goes with
-    /// its last one.
-    fn release(&mut self, id: u32) {
-        if let Some(kept) = &mut self.blocks[id as usize] {
-            kept.live -= 1;
-            if kept.live == 0 {
-                self.blocks[id as usize] = None;
-                self.free.push(id);
-                if self.last == Some(id) {
-                    self.last = None;
-                }
-            }
-        }
-    }
-
     /// Puts `object` in the map under `key`, returning the object it
     /// replaces.
     pub(crate) fn insert(&mut self, key: M::PrimaryKey, object: &Tracked<M>) -> Option<Tracked<M>> {
         self.index();
-        let slot = self.slot_of(object);
+        let slot = self.kept.slot_of(object);
         let previous = self.slots.insert(key, slot)?;
-        let replaced = handle(&self.blocks, previous);
-        self.release(previous.block);
+        let replaced = self.kept.handle(previous);
+        self.kept.release(previous.block);
         Some(replaced)
-    }
-
-    /// The slot of an object made elsewhere (by `add`, for instance),
-    /// counted as held. Objects of one block usually arrive one after
-    /// another, so the block is kept once for all of them.
-    fn slot_of(&mut self, object: &Tracked<M>) -> Slot {
-        let (block, index) = object.place();
-        let last = self.last.and_then(|id| match &mut self.blocks[id as usize] {
-            Some(kept) if Arc::ptr_eq(&kept.block, block) => {
-                kept.live += 1;
-                Some(id)
-            }
-            _ => None,
-        });
-        let id = match last {
-            Some(id) => id,
-            None => self.keep(Arc::clone(block), 1),
-        };
-        Slot { block: id, index }
     }
 
     /// Keeps a block of newly tracked objects, the i-th under `keys[i]`, and
@@ -210,24 +251,22 @@ impl<M: Model> Identities<M> {
     ) {
         self.index();
         let len = block.len() as u32;
-        let id = self.keep(block, 0);
+        let id = self.kept.keep(block, 0);
         let mut live = 0;
         for (index, key) in (0..len).zip(keys) {
             match self.slots.entry(key) {
                 Entry::Vacant(entry) => {
                     let slot = *entry.insert(Slot { block: id, index });
                     live += 1;
-                    out.push(handle(&self.blocks, slot));
+                    out.push(self.kept.handle(slot));
                 }
-                Entry::Occupied(entry) => out.push(handle(&self.blocks, *entry.get())),
+                Entry::Occupied(entry) => out.push(self.kept.handle(*entry.get())),
             }
         }
-        if let Some(kept) = &mut self.blocks[id as usize] {
-            kept.live = live + 1;
-        }
-        // The count started at one more than the objects held: letting go of
+        // The count starts at one more than the objects held: letting go of
         // it frees a block whose every row repeated a key already held.
-        self.release(id);
+        self.kept.set_live(id, live + 1);
+        self.kept.release(id);
     }
 
     /// Keeps a block of newly tracked objects without hashing their keys
@@ -237,8 +276,8 @@ impl<M: Model> Identities<M> {
     pub(crate) fn insert_unindexed(&mut self, keys: Vec<M::PrimaryKey>, block: Block<M>, out: &mut Vec<Tracked<M>>) {
         debug_assert_eq!(keys.len(), block.len());
         let len = block.len() as u32;
-        let id = self.keep(block, len);
-        out.extend((0..len).map(|index| handle(&self.blocks, Slot { block: id, index })));
+        let id = self.kept.keep(block, len);
+        out.extend((0..len).map(|index| self.kept.handle(Slot { block: id, index })));
         self.unindexed_len += keys.len();
         self.unindexed.push((id, keys));
     }
@@ -254,11 +293,11 @@ impl<M: Model> Identities<M> {
         let unindexed = self.unindexed.iter().flat_map(move |(block, keys)| {
             (0..)
                 .zip(keys)
-                .map(move |(index, key)| (key, handle(&self.blocks, Slot { block: *block, index })))
+                .map(move |(index, key)| (key, self.kept.handle(Slot { block: *block, index })))
         });
         self.slots
             .iter()
-            .map(|(key, &slot)| (key, handle(&self.blocks, slot)))
+            .map(|(key, &slot)| (key, self.kept.handle(slot)))
             .chain(unindexed)
     }
 }

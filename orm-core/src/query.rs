@@ -9,7 +9,7 @@ use tokio_postgres::Row;
 use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
 use crate::model::{Model, TableDef};
-use crate::session::{unit_of, Session, Units};
+use crate::session::{put_unit, take_unit, unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::Tracked;
 use crate::types::ColumnType;
@@ -213,6 +213,9 @@ pub trait Joined: 'static {
     /// Decodes the model's columns from `offset` on and merges them.
     #[doc(hidden)]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
+    /// The same, into the model's state that a join's merger holds.
+    #[doc(hidden)]
+    fn merge_into(state: &mut JoinedState<Self::Model>, row: &Row, offset: usize) -> Result<Self::Output>;
     /// Decodes the model's columns from `offset` on, untracked.
     #[doc(hidden)]
     fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
@@ -226,6 +229,11 @@ impl<B: Model> Joined for B {
     #[inline]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Tracked<B>> {
         <B as Selection>::merge_at(units, row, offset)
+    }
+
+    #[inline]
+    fn merge_into(state: &mut JoinedState<B>, row: &Row, offset: usize) -> Result<Tracked<B>> {
+        state.0.merge_row(row, offset)
     }
 
     #[inline]
@@ -277,6 +285,15 @@ impl<B: Model> Joined for Option<B> {
     }
 
     #[inline]
+    fn merge_into(state: &mut JoinedState<B>, row: &Row, offset: usize) -> Result<Option<Tracked<B>>> {
+        if left_matched::<B>(row, offset)? {
+            Ok(Some(state.0.merge_row(row, offset)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    #[inline]
     fn decode_at(row: &Row, offset: usize) -> Result<Option<B>> {
         if left_matched::<B>(row, offset)? {
             Ok(Some(B::from_row_at(row, offset)?))
@@ -310,8 +327,11 @@ impl<'a> FromSql<'a> for RawValue<'a> {
 /// That is sound because the same key bytes decode to the same keys, whose
 /// objects the session already merged that row into.
 #[doc(hidden)]
-pub struct JoinMerger<'u, S: Selection> {
+pub struct JoinMerger<'u, S: Selection, J: Joined> {
     units: SessionUnits<'u>,
+    /// The joined model's state, taken out of `units` for the load (a join
+    /// never selects its model twice) and given back when the merger goes.
+    right: Option<JoinedState<J::Model>>,
     /// Where the left side's key columns are in a row.
     key_columns: Vec<usize>,
     /// The left side's keys in this row and in the row before, each
@@ -321,7 +341,25 @@ pub struct JoinMerger<'u, S: Selection> {
     last: Option<S::Output>,
 }
 
-impl<S: Selection> std::fmt::Debug for JoinMerger<'_, S> {
+/// One model's state, held by a join's merger while it loads.
+#[doc(hidden)]
+pub struct JoinedState<M: Model>(Box<TableState<M>>);
+
+impl<M: Model> std::fmt::Debug for JoinedState<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinedState").field("table", &M::TABLE.name).finish()
+    }
+}
+
+impl<S: Selection, J: Joined> Drop for JoinMerger<'_, S, J> {
+    fn drop(&mut self) {
+        if let Some(JoinedState(state)) = self.right.take() {
+            put_unit(self.units.0, state);
+        }
+    }
+}
+
+impl<S: Selection, J: Joined> std::fmt::Debug for JoinMerger<'_, S, J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JoinMerger")
             .field("key_columns", &self.key_columns)
@@ -329,7 +367,7 @@ impl<S: Selection> std::fmt::Debug for JoinMerger<'_, S> {
     }
 }
 
-impl<S: Selection> JoinMerger<'_, S> {
+impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
     /// The left side of `row`: the row before's if its keys are the same.
     fn left(&mut self, row: &Row) -> Result<S::Output> {
         self.key.clear();
@@ -358,7 +396,7 @@ impl<S: Selection> JoinMerger<'_, S> {
 impl<S: Selection, J: Joined> Selection for (S, J) {
     type Output = (S::Output, J::Output);
     type Value = (S::Value, J::Value);
-    type Merger<'u> = JoinMerger<'u, S>;
+    type Merger<'u> = JoinMerger<'u, S, J>;
 
     fn root() -> &'static TableDef {
         S::root()
@@ -381,8 +419,10 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
         let mut key_columns = Vec::new();
         S::key_columns(0, &mut key_columns);
+        let right = Some(JoinedState(take_unit::<J::Model>(units.0)));
         JoinMerger {
             units,
+            right,
             key_columns,
             key: Vec::new(),
             last_key: Vec::new(),
@@ -393,7 +433,10 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
     #[inline]
     fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()> {
         let left = merger.left(row)?;
-        let right = J::merge_at(&mut merger.units, row, S::width())?;
+        let right = match &mut merger.right {
+            Some(state) => J::merge_into(state, row, S::width())?,
+            None => unreachable!("the joined model's state is held until the merger goes"),
+        };
         out.push((left, right));
         Ok(())
     }

@@ -649,6 +649,24 @@ impl Session {
 /// already, so the fast hasher is enough.
 pub(crate) type Units = HashMap<TypeId, Box<dyn TableUnit>, foldhash::fast::RandomState>;
 
+/// Takes model `M`'s state out of `units` (a new one if it has none), for a
+/// load to use without finding it again for every row; the load gives it
+/// back with [`put_unit`].
+pub(crate) fn take_unit<M: Model>(units: &mut Units) -> Box<TableState<M>> {
+    match units.remove(&TypeId::of::<M>()) {
+        Some(unit) => unit
+            .into_any()
+            .downcast::<TableState<M>>()
+            .unwrap_or_else(|_| unreachable!("units are keyed by their model's TypeId")),
+        None => Box::default(),
+    }
+}
+
+/// Gives back a state [`take_unit`] took.
+pub(crate) fn put_unit<M: Model>(units: &mut Units, state: Box<TableState<M>>) {
+    units.insert(TypeId::of::<M>(), state);
+}
+
 pub(crate) fn unit_of<M: Model>(units: &mut Units) -> &mut TableState<M> {
     units
         .entry(TypeId::of::<M>())

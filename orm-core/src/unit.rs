@@ -45,6 +45,7 @@ pub(crate) trait TableUnit: Send + Sync {
     /// After a rollback or close: forget everything, detaching the objects.
     fn discard(&mut self);
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
 pub(crate) struct TableState<M: Model> {
@@ -109,12 +110,18 @@ impl<M: Model> TableState<M> {
     /// marked for deletion but not flushed yet (autoflush off) is still the
     /// session's one object for the row.
     pub(crate) fn known(&mut self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
-        if !self.deleted.is_empty() {
-            if let Some((_, deleted)) = self.deleted.iter().find(|(deleted, _)| deleted == key) {
-                return Some(deleted.clone());
-            }
+        self.deleted_object(key).or_else(|| self.identity.get(key))
+    }
+
+    /// The object for `key` among those marked for deletion.
+    fn deleted_object(&self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
+        if self.deleted.is_empty() {
+            return None;
         }
-        self.identity.get(key)
+        self.deleted
+            .iter()
+            .find(|(deleted, _)| deleted == key)
+            .map(|(_, deleted)| deleted.clone())
     }
 
     /// The object for the model's columns from `offset` on in a loaded row:
@@ -123,12 +130,22 @@ impl<M: Model> TableState<M> {
     /// nothing from the row.
     pub(crate) fn merge_row(&mut self, row: &Row, offset: usize) -> Result<Tracked<M>> {
         let key = M::primary_key_at(row, offset)?;
-        if let Some(known) = self.merge_if_known(&key, row, offset)? {
-            return Ok(known);
+        if let Some(deleted) = self.deleted_object(&key) {
+            return merge_known(deleted, row, offset);
         }
-        let object = self.track(M::from_row_at(row, offset)?, ObjectStatus::Persistent);
-        self.identity.insert(key, &object);
-        Ok(object)
+        let owner = &self.owner;
+        let (object, known) = self.identity.get_or_insert_with(key, || {
+            let value = M::from_row_at(row, offset)?;
+            Ok(Tracked::in_block(
+                &block_of_one(value, ObjectStatus::Persistent, owner),
+                0,
+            ))
+        })?;
+        if known {
+            merge_known(object, row, offset)
+        } else {
+            Ok(object)
+        }
     }
 
     /// The session's object for `key`, with the row (the model's columns
@@ -913,6 +930,10 @@ impl<M: Model> TableUnit for TableState<M> {
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
 }
