@@ -170,7 +170,7 @@ impl<M: Model> TableState<M> {
         }
         let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
         if unindexed {
-            let keys = std::mem::replace(&mut fresh.keys, Vec::with_capacity(MAX_BLOCK));
+            let keys = std::mem::take(&mut fresh.keys);
             self.identity.insert_unindexed(keys, block, out);
         } else {
             self.identity.reserve(rows);
@@ -773,6 +773,13 @@ impl<M: Model> FreshRows<M> {
 
     /// Holds a row back; true once a block's worth is waiting.
     pub(crate) fn push(&mut self, key: M::PrimaryKey, value: M) -> bool {
+        if self.values.capacity() == 0 {
+            // A block's worth at once, rather than growing five times.
+            self.values.reserve_exact(MAX_BLOCK);
+        }
+        if self.keys.capacity() == 0 {
+            self.keys.reserve_exact(MAX_BLOCK);
+        }
         self.keys.push(key);
         self.values.push(value);
         self.values.len() == MAX_BLOCK
