@@ -726,10 +726,19 @@ async fn a_lost_connection_is_typed_and_the_session_recovers() {
 #[tokio::test]
 async fn a_session_kept_after_an_interrupted_flush_refuses_to_commit_half_of_it() {
     let db = setup().await;
+    // The INSERT waits on this lock, so the flush is surely cut off mid-way
+    // (a timeout alone can lose the race with a fast local server).
+    let locker = db.engine.connect().await.unwrap();
+    locker
+        .client()
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let mut session = sessionmaker(&db.engine).session();
     session.add_all([User::new("a"), User::new("b")]);
-    let interrupted = tokio::time::timeout(std::time::Duration::from_nanos(1), session.flush()).await;
+    let interrupted = tokio::time::timeout(std::time::Duration::from_millis(200), session.flush()).await;
     assert!(interrupted.is_err(), "the flush was meant to be cut off");
+    locker.client().batch_execute("COMMIT").await.unwrap();
     assert!(matches!(session.commit().await, Err(Error::InvalidState(m)) if m.contains("interrupted")));
     assert!(matches!(
         session.query::<User>().all().await,
