@@ -274,6 +274,70 @@ fn integer_at(row: &Row, index: usize) -> Option<i64> {
 }
 
 impl<M: Model> TableState<M> {
+    /// A new object with the key of an object deleted in the same flush
+    /// becomes an UPDATE of that row (SQLAlchemy's "row switch"), instead of
+    /// an INSERT that would run into the row the DELETE has not removed yet.
+    /// Columns the new object leaves to the database keep the row's values.
+    fn switch_rows(&mut self) -> Result<()> {
+        let table = M::TABLE;
+        let mut i = 0;
+        while i < self.new.len() {
+            let key = {
+                let data = self.new[i].data()?;
+                let key_unassigned = table.primary_key.iter().any(|&c| data.value.column_is_unset(c));
+                (!key_unassigned).then(|| data.value.primary_key())
+            };
+            let Some(position) = key.and_then(|key| self.deleted.iter().position(|(deleted, _)| *deleted == key))
+            else {
+                i += 1;
+                continue;
+            };
+            let (key, old) = self.deleted.remove(position);
+            let row = {
+                let data = old.data()?;
+                data.stored().clone()
+            };
+            old.meta().set_final_status(ObjectStatus::Detached);
+            let object = self.new.remove(i);
+            {
+                let mut data = object.data_mut()?;
+                for column in 0..table.columns.len() {
+                    if data.value.column_is_unset(column) {
+                        data.value.copy_column(&row, column);
+                    }
+                }
+                data.loaded = Some(Box::new(row));
+                // Under the value's lock, as in `mark_inserted_locked`.
+                object.meta().set_status(ObjectStatus::Persistent);
+            }
+            self.owner.dirty.store(true, Ordering::Release);
+            self.identity.insert(key, &object);
+        }
+        Ok(())
+    }
+
+    /// Marks an object whose statement succeeded as matching the database,
+    /// unless it was changed while the statement was in flight (from another
+    /// task holding a handle): then which values the database got is unknown,
+    /// and the object is left for the next flush to send in full.
+    fn settle(&self, object: &Tracked<M>, version_sent: u64) -> Result<()> {
+        settle_locked(&self.owner, object, &mut *object.data_mut()?, version_sent);
+        Ok(())
+    }
+}
+
+/// The part of a model's state that inserting its new objects changes: the
+/// identity map, and the owner, whose dirty flag an object changed while its
+/// statement was in flight raises. Borrowed apart from the list of new
+/// objects, which stays whole while they go in: a flush that fails or is
+/// cancelled half-way leaves every object listed, for the rollback that must
+/// follow to detach.
+struct Inserting<'a, M: Model> {
+    identity: &'a mut Identities<M>,
+    owner: &'a Owner,
+}
+
+impl<M: Model> Inserting<'_, M> {
     /// Inserts `new` (the objects added since the last flush): objects whose
     /// unset columns differ need different column lists, so one statement
     /// per distinct list, objects keeping their order.
@@ -432,69 +496,6 @@ impl<M: Model> TableState<M> {
         self.mark_inserted(&objects, &versions)
     }
 
-    /// A new object with the key of an object deleted in the same flush
-    /// becomes an UPDATE of that row (SQLAlchemy's "row switch"), instead of
-    /// an INSERT that would run into the row the DELETE has not removed yet.
-    /// Columns the new object leaves to the database keep the row's values.
-    fn switch_rows(&mut self) -> Result<()> {
-        let table = M::TABLE;
-        let mut i = 0;
-        while i < self.new.len() {
-            let key = {
-                let data = self.new[i].data()?;
-                let key_unassigned = table.primary_key.iter().any(|&c| data.value.column_is_unset(c));
-                (!key_unassigned).then(|| data.value.primary_key())
-            };
-            let Some(position) = key.and_then(|key| self.deleted.iter().position(|(deleted, _)| *deleted == key))
-            else {
-                i += 1;
-                continue;
-            };
-            let (key, old) = self.deleted.remove(position);
-            let row = {
-                let data = old.data()?;
-                data.stored().clone()
-            };
-            old.meta().set_final_status(ObjectStatus::Detached);
-            let object = self.new.remove(i);
-            {
-                let mut data = object.data_mut()?;
-                for column in 0..table.columns.len() {
-                    if data.value.column_is_unset(column) {
-                        data.value.copy_column(&row, column);
-                    }
-                }
-                data.loaded = Some(Box::new(row));
-                // Under the value's lock, as in `mark_inserted_locked`.
-                object.meta().set_status(ObjectStatus::Persistent);
-            }
-            self.owner.dirty.store(true, Ordering::Release);
-            self.identity.insert(key, &object);
-        }
-        Ok(())
-    }
-
-    /// Marks an object whose statement succeeded as matching the database,
-    /// unless it was changed while the statement was in flight (from another
-    /// task holding a handle): then which values the database got is unknown,
-    /// and the object is left for the next flush to send in full.
-    fn settle(&self, object: &Tracked<M>, version_sent: u64) -> Result<()> {
-        self.settle_locked(object, &mut *object.data_mut()?, version_sent);
-        Ok(())
-    }
-
-    /// [`settle`](Self::settle), for a caller that holds the value already.
-    fn settle_locked(&self, object: &Tracked<M>, data: &mut Data<M>, version_sent: u64) {
-        if object.version() == version_sent {
-            data.loaded = None;
-            data.resend_all = false;
-        } else {
-            data.loaded = Some(Box::new(data.value.clone()));
-            data.resend_all = true;
-            self.owner.dirty.store(true, Ordering::Release);
-        }
-    }
-
     /// Inserts a large group by binary COPY; with `keys`, the column at that
     /// position takes the reserved keys, ascending in the objects' order.
     /// The objects receive their keys only once every row is in, and all at
@@ -547,13 +548,25 @@ impl<M: Model> TableState<M> {
     /// flush then sees the object either pending or persistent with its
     /// value settled, never persistent before the value is.
     fn mark_inserted_locked(&mut self, object: &Tracked<M>, data: &mut Data<M>, version: u64) {
-        self.settle_locked(object, data, version);
+        settle_locked(self.owner, object, data, version);
         object.meta().set_status(ObjectStatus::Persistent);
         if let Some(previous) = self.identity.insert(data.value.primary_key(), object) {
             // The row that object stood for was deleted behind the
             // session's back; the new row replaces it.
             previous.meta().set_final_status(ObjectStatus::Detached);
         }
+    }
+}
+
+/// [`TableState::settle`], for a caller that holds the value already.
+fn settle_locked<M: Model>(owner: &Owner, object: &Tracked<M>, data: &mut Data<M>, version_sent: u64) {
+    if object.version() == version_sent {
+        data.loaded = None;
+        data.resend_all = false;
+    } else {
+        data.loaded = Some(Box::new(data.value.clone()));
+        data.resend_all = true;
+        owner.dirty.store(true, Ordering::Release);
     }
 }
 
@@ -843,12 +856,13 @@ impl<M: Model> TableUnit for TableState<M> {
             }
             // The list is emptied only once every group is in: after a failure
             // the objects are still listed, so a rollback detaches them all.
-            let new = std::mem::take(&mut self.new);
-            let result = self.insert_all(exec, cache, &new).await;
-            if result.is_err() {
-                self.new = new;
-            }
-            result
+            let mut inserting = Inserting {
+                identity: &mut self.identity,
+                owner: &self.owner,
+            };
+            inserting.insert_all(exec, cache, &self.new).await?;
+            self.new.clear();
+            Ok(())
         })
     }
 

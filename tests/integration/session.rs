@@ -322,6 +322,33 @@ async fn a_cancelled_flush_still_rolls_back() {
     assert_eq!(db.idle_in_transaction().await, 0);
 }
 
+/// A flush cancelled while its INSERT waits leaves the new object listed as
+/// the session's own: deleting it detaches it, and the rollback writes
+/// nothing.
+#[tokio::test]
+async fn a_flush_cancelled_mid_insert_keeps_its_new_objects() {
+    let db = setup().await;
+    let locker = db.engine.connect().await.unwrap();
+    locker
+        .client()
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut session = sessionmaker(&db.engine).session();
+    let kept = session.add(User::new("kept"));
+    let dropped = session.add(User::new("dropped"));
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), session.flush()).await;
+    assert!(waited.is_err(), "the INSERT waits on the lock until cancelled");
+
+    session.delete(&dropped).unwrap();
+    assert_eq!(dropped.status(), ObjectStatus::Detached);
+    assert_eq!(kept.status(), ObjectStatus::Pending);
+    locker.client().batch_execute("COMMIT").await.unwrap();
+    session.rollback().await.unwrap();
+    assert_eq!(kept.status(), ObjectStatus::Detached);
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
+}
+
 #[tokio::test]
 async fn get_answers_from_the_identity_map() {
     let db = setup().await;
