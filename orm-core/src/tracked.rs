@@ -376,11 +376,19 @@ impl<M: Model> Tracked<M> {
         let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
         shared.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
-        if meta.status() == ObjectStatus::Persistent {
-            if data.loaded.is_none() {
+        match meta.status() {
+            ObjectStatus::Persistent => {
+                if data.loaded.is_none() {
+                    data.loaded = Some(Box::new(data.value.clone()));
+                }
+                meta.owner.dirty.store(true, Ordering::Release);
+            }
+            // Its DELETE finds the row by the stored key: keep it, whatever
+            // the caller changes now.
+            ObjectStatus::Deleted if data.loaded.is_none() => {
                 data.loaded = Some(Box::new(data.value.clone()));
             }
-            meta.owner.dirty.store(true, Ordering::Release);
+            _ => {}
         }
         TrackedMut(data)
     }

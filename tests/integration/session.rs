@@ -349,6 +349,27 @@ async fn a_flush_cancelled_mid_insert_keeps_its_new_objects() {
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
 }
 
+/// The DELETE of an object goes to the row it was loaded from, even if its
+/// key field is edited after `delete()`.
+#[tokio::test]
+async fn a_key_edited_after_delete_does_not_move_the_delete() {
+    let db = setup().await;
+    db.execute("INSERT INTO users (name) VALUES ('first'), ('second')")
+        .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let first = session
+        .query::<User>()
+        .filter(User::name.eq("first"))
+        .one()
+        .await
+        .unwrap();
+    let second_id = db.scalar("SELECT id FROM users WHERE name = 'second'").await;
+    session.delete(&first).unwrap();
+    first.write().id = second_id;
+    session.commit().await.unwrap();
+    assert_eq!(db.strings("SELECT name FROM users").await, ["second"]);
+}
+
 #[tokio::test]
 async fn get_answers_from_the_identity_map() {
     let db = setup().await;
