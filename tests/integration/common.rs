@@ -53,6 +53,25 @@ impl TestDb {
         let rows = conn.raw_query(sql, &[]).await.expect(sql);
         rows.iter().map(|r| r.get(0)).collect()
     }
+
+    /// Locks `table` against every other connection until the lock is
+    /// released: a statement on it waits, so a timeout surely cuts it off.
+    pub async fn lock_table(&self, table: &str) -> TableLock {
+        let conn = self.engine.connect().await.expect("connect");
+        conn.raw_batch(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .await
+            .expect("lock");
+        TableLock(conn)
+    }
+}
+
+/// A table lock held by a transaction of its own; see [`TestDb::lock_table`].
+pub struct TableLock(orm::Connection);
+
+impl TableLock {
+    pub async fn release(self) {
+        self.0.raw_batch("COMMIT").await.expect("release the lock");
+    }
 }
 
 /// Fails unless `conn` is outside any transaction block: there, SAVEPOINT is

@@ -328,12 +328,7 @@ async fn a_cancelled_flush_still_rolls_back() {
 #[tokio::test]
 async fn a_flush_cancelled_mid_insert_keeps_its_new_objects() {
     let db = setup().await;
-    let locker = db.engine.connect().await.unwrap();
-    locker
-        .client()
-        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = db.lock_table("users").await;
     let mut session = sessionmaker(&db.engine).session();
     let kept = session.add(User::new("kept"));
     let dropped = session.add(User::new("dropped"));
@@ -343,7 +338,7 @@ async fn a_flush_cancelled_mid_insert_keeps_its_new_objects() {
     session.delete(&dropped).unwrap();
     assert_eq!(dropped.status(), ObjectStatus::Detached);
     assert_eq!(kept.status(), ObjectStatus::Pending);
-    locker.client().batch_execute("COMMIT").await.unwrap();
+    lock.release().await;
     session.rollback().await.unwrap();
     assert_eq!(kept.status(), ObjectStatus::Detached);
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
@@ -776,17 +771,12 @@ async fn a_session_kept_after_an_interrupted_flush_refuses_to_commit_half_of_it(
     let db = setup().await;
     // The INSERT waits on this lock, so the flush is surely cut off mid-way
     // (a timeout alone can lose the race with a fast local server).
-    let locker = db.engine.connect().await.unwrap();
-    locker
-        .client()
-        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = db.lock_table("users").await;
     let mut session = sessionmaker(&db.engine).session();
     session.add_all([User::new("a"), User::new("b")]);
     let interrupted = tokio::time::timeout(std::time::Duration::from_millis(200), session.flush()).await;
     assert!(interrupted.is_err(), "the flush was meant to be cut off");
-    locker.client().batch_execute("COMMIT").await.unwrap();
+    lock.release().await;
     assert!(matches!(session.commit().await, Err(Error::InvalidState(m)) if m.contains("interrupted")));
     assert!(matches!(
         session.query::<User>().all().await,
