@@ -372,32 +372,38 @@ impl<'c> Executor<'c> {
         self
     }
 
-    /// Runs `work`, preceded in the same round trip by a pending `BEGIN`:
-    /// tokio-postgres pipelines requests that are in flight together.
-    async fn pipelined<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    /// Runs the work `start` makes, preceded in the same round trip by a
+    /// pending `BEGIN`: tokio-postgres pipelines requests that are in flight
+    /// together. Takes a maker rather than the work's future: a future passed
+    /// to an async fn is kept beside the futures made from it, which doubled
+    /// the size of every query's future (about 5 KB, copied whenever the
+    /// future moves).
+    async fn pipelined<T, F>(&self, start: impl FnOnce() -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
         match self.pending_begin {
             Some(flag) if flag.swap(false, Ordering::AcqRel) => {
-                let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), work).await;
+                let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), start()).await;
                 began?;
                 result
             }
-            _ => work.await,
+            _ => start().await,
         }
     }
 
-    /// Runs one statement with echo: its text, parameter count and
-    /// duration are logged whether it succeeds or fails.
-    async fn echoed<T>(
-        &self,
-        sql: &str,
-        params: usize,
-        work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-    ) -> Result<T> {
+    /// Runs the statement `start` makes, with echo: its text, parameter
+    /// count and duration are logged whether it succeeds or fails. Takes a
+    /// maker for the reason [`pipelined`](Self::pipelined) does.
+    async fn echoed<T, F>(&self, sql: &str, params: usize, start: impl FnOnce() -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
         if !self.echo {
-            return work.await.map_err(Error::from_driver);
+            return start().await.map_err(Error::from_driver);
         }
         let started = Instant::now();
-        let result = work.await.map_err(Error::from_driver);
+        let result = start().await.map_err(Error::from_driver);
         let elapsed_us = started.elapsed().as_micros() as u64;
         match &result {
             Ok(_) => tracing::info!(target: "orm::echo", sql, params, elapsed_us, "{sql}"),
@@ -424,7 +430,7 @@ impl<'c> Executor<'c> {
         params: &[Param],
         on_row: impl FnMut(Row) -> Result<()>,
     ) -> Result<()> {
-        self.pipelined(self.for_each_row_now(sql, params, on_row)).await
+        self.pipelined(move || self.for_each_row_now(sql, params, on_row)).await
     }
 
     async fn for_each_row_now(
@@ -435,12 +441,10 @@ impl<'c> Executor<'c> {
     ) -> Result<()> {
         let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
         let stream = self
-            .echoed(
-                sql,
-                params.len(),
+            .echoed(sql, params.len(), || {
                 self.client
-                    .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync))),
-            )
+                    .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
+            })
             .await?;
         let mut stream = std::pin::pin!(stream);
         while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
@@ -453,28 +457,28 @@ impl<'c> Executor<'c> {
     }
 
     pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {
-        self.pipelined(async {
+        self.pipelined(move || async move {
             let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
             let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            self.echoed(sql, params.len(), self.client.execute_raw(&statement, params))
+            self.echoed(sql, params.len(), || self.client.execute_raw(&statement, params))
                 .await
         })
         .await
     }
 
     pub(crate) async fn raw_query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.pipelined(async {
+        self.pipelined(move || async move {
             let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-            self.echoed(sql, params.len(), self.client.query(&statement, params))
+            self.echoed(sql, params.len(), || self.client.query(&statement, params))
                 .await
         })
         .await
     }
 
     pub(crate) async fn raw_execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.pipelined(async {
+        self.pipelined(move || async move {
             let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-            self.echoed(sql, params.len(), self.client.execute(&statement, params))
+            self.echoed(sql, params.len(), || self.client.execute(&statement, params))
                 .await
         })
         .await
@@ -488,7 +492,7 @@ impl<'c> Executor<'c> {
         sql: &str,
         mut fill: impl FnMut(&mut bytes::BytesMut) -> Result<bool>,
     ) -> Result<u64> {
-        self.pipelined(async {
+        self.pipelined(move || async move {
             let started = Instant::now();
             let result = async {
                 let sink = self
@@ -528,10 +532,10 @@ impl<'c> Executor<'c> {
 
     /// Runs statements without parameters over the simple protocol.
     pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
-        self.pipelined(self.batch_now(sql)).await
+        self.pipelined(move || self.batch_now(sql)).await
     }
 
     async fn batch_now(&self, sql: &str) -> Result<()> {
-        self.echoed(sql, 0, self.client.batch_execute(sql)).await
+        self.echoed(sql, 0, || self.client.batch_execute(sql)).await
     }
 }

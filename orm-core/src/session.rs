@@ -361,14 +361,17 @@ impl Session {
             unit.plan_updates()?;
         }
         self.busy = true;
-        let result = self.flush_inner().await;
+        // Boxed: a flush with work to do allocates once, and the future of
+        // every query, whose autoflush usually has none, stays kilobytes
+        // smaller (moving a query's future copies all of it).
+        let result = Box::pin(self.flush_inner()).await;
         self.busy = false;
         if let Err(error) = &result {
             // Part of the flush may have reached the server, and the objects
             // may already say so: always roll back, and always require the
             // caller's rollback() too, even when the flush was its own
             // transaction (autocommit) and its COMMIT is what failed.
-            self.fail_transaction(error).await;
+            Box::pin(self.fail_transaction(error)).await;
             self.failed = Some(error.to_string());
         }
         result
@@ -546,7 +549,8 @@ impl Session {
             self.flush().await?;
         }
         if let Err(error) = self.connect().await {
-            self.fail_transaction(&error).await;
+            // Boxed, as rare paths are: see flush().
+            Box::pin(self.fail_transaction(&error)).await;
             return Err(error);
         }
         Ok(())
@@ -558,7 +562,7 @@ impl Session {
             // Errors found on this side (a type mismatch, an error returned by
             // a for_each callback) leave the server's transaction intact.
             if error.aborts_transaction() {
-                self.fail_transaction(error).await;
+                Box::pin(self.fail_transaction(error)).await;
             }
         }
         self.release_if_idle();

@@ -1235,3 +1235,16 @@ async fn a_role_that_may_not_take_sequence_values_still_inserts_large_batches() 
     db.execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
         .await;
 }
+
+/// Every move of a future copies all of it. A future handed to an async fn
+/// used to be kept twice, beside the future awaiting it, and an autoflush
+/// with nothing to do carried a whole flush: a query's future was 5.6 KB.
+#[tokio::test]
+async fn query_and_flush_futures_stay_small() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let query = std::mem::size_of_val(&session.query::<User>().all());
+    assert!(query < 4096, "a query's future takes {query} bytes");
+    let flush = std::mem::size_of_val(&session.flush());
+    assert!(flush < 512, "a flush's future takes {flush} bytes");
+}
