@@ -292,14 +292,15 @@ impl<M: Model> TableState<M> {
                 i += 1;
                 continue;
             };
-            let (key, old) = self.deleted.remove(position);
+            // Both objects' borrows are checked before any list changes: a
+            // flush refused because either is borrowed leaves every list as
+            // it was, for the next flush to switch the row.
             let row = {
-                let data = old.data()?;
+                let data = self.deleted[position].1.data()?;
                 data.stored().clone()
             };
-            old.meta().set_final_status(ObjectStatus::Detached);
-            let object = self.new.remove(i);
             {
+                let object = &self.new[i];
                 let mut data = object.data_mut()?;
                 for column in 0..table.columns.len() {
                     if data.value.column_is_unset(column) {
@@ -310,6 +311,9 @@ impl<M: Model> TableState<M> {
                 // Under the value's lock, as in `mark_inserted_locked`.
                 object.meta().set_status(ObjectStatus::Persistent);
             }
+            let (key, old) = self.deleted.remove(position);
+            old.meta().set_final_status(ObjectStatus::Detached);
+            let object = self.new.remove(i);
             self.owner.dirty.store(true, Ordering::Release);
             self.identity.insert(key, &object);
         }

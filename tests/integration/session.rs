@@ -1057,6 +1057,45 @@ async fn deleting_a_row_and_adding_one_with_its_key_in_one_flush_updates_it() {
     assert!(got.ptr_eq(&new));
 }
 
+/// A row switch refused because either object is borrowed changes nothing:
+/// once the borrow ends, the next flush switches the row.
+#[tokio::test]
+async fn a_row_switch_refused_for_a_borrow_is_done_by_the_next_flush() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    for id in [1, 2] {
+        session.add(Author { id, name: "old".into() });
+    }
+    session.commit().await.unwrap();
+
+    for (id, borrow_new) in [(1, true), (2, false)] {
+        let old = session.get::<Author>(id).await.unwrap().unwrap();
+        session.delete(&old).unwrap();
+        let new = session.add(Author {
+            id,
+            name: format!("new {id}"),
+        });
+        {
+            let _new_guard = borrow_new.then(|| new.read());
+            let _old_guard = (!borrow_new).then(|| old.write());
+            let refused = session.flush().await.unwrap_err();
+            assert!(
+                matches!(refused, Error::InvalidState(ref m) if m.contains("borrowed")),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(old.status(), ObjectStatus::Deleted);
+        assert_eq!(new.status(), ObjectStatus::Pending);
+        session.commit().await.unwrap();
+        assert_eq!(old.status(), ObjectStatus::Detached);
+        assert_eq!(new.status(), ObjectStatus::Persistent);
+    }
+    assert_eq!(
+        db.strings("SELECT id || ':' || name FROM authors ORDER BY id").await,
+        ["1:new 1", "2:new 2"]
+    );
+}
+
 #[tokio::test]
 async fn large_batches_with_every_column_set_go_in_by_binary_copy() {
     let db = setup().await;
