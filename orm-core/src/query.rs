@@ -175,7 +175,10 @@ impl<M: Model> Selection for M {
             let value = M::from_row(row)?;
             let key = value.primary_key();
             if merger.unindexed {
-                let last = (merger.fresh.last_key()).or_else(|| merger.state.identity.last_unindexed_key());
+                let last = merger
+                    .fresh
+                    .last_key()
+                    .or_else(|| merger.state.identity.last_unindexed_key());
                 merger.unindexed = last.is_none_or(|last| key > *last);
             }
             (key, value)
@@ -242,12 +245,17 @@ impl<B: Model> Joined for B {
     }
 }
 
-/// Accepts a value of any type, to ask only whether it is NULL.
-struct AnyValue;
+/// A value of any type, as its raw bytes (`None` for NULL): enough to tell
+/// whether a left join matched, or whether two rows carry the same key.
+struct RawValue<'a>(Option<&'a [u8]>);
 
-impl<'a> FromSql<'a> for AnyValue {
-    fn from_sql(_: &Type, _: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(AnyValue)
+impl<'a> FromSql<'a> for RawValue<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(Some(raw)))
+    }
+
+    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(None))
     }
 
     fn accepts(_: &Type) -> bool {
@@ -261,12 +269,13 @@ impl<'a> FromSql<'a> for AnyValue {
 fn left_matched<B: Model>(row: &Row, offset: usize) -> Result<bool> {
     let key_column = B::TABLE.primary_key.first().copied().unwrap_or(0);
     Ok(row
-        .try_get::<_, Option<AnyValue>>(offset + key_column)
+        .try_get::<_, RawValue>(offset + key_column)
         .map_err(|source| Error::TypeMismatch {
             table: B::TABLE.name.to_owned(),
             column: B::TABLE.columns.get(key_column).map_or("?", |c| c.name).to_owned(),
             source,
         })?
+        .0
         .is_some())
 }
 
@@ -300,23 +309,6 @@ impl<B: Model> Joined for Option<B> {
         } else {
             Ok(None)
         }
-    }
-}
-
-/// A value of any type, as its raw bytes (`None` for NULL).
-struct RawValue<'a>(Option<&'a [u8]>);
-
-impl<'a> FromSql<'a> for RawValue<'a> {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(RawValue(Some(raw)))
-    }
-
-    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(RawValue(None))
-    }
-
-    fn accepts(_: &Type) -> bool {
-        true
     }
 }
 
@@ -413,7 +405,7 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
 
     fn key_columns(offset: usize, out: &mut Vec<usize>) {
         S::key_columns(offset, out);
-        out.extend(J::Model::TABLE.primary_key.iter().map(|&c| offset + S::width() + c));
+        <J::Model as Selection>::key_columns(offset + S::width(), out);
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {

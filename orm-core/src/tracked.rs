@@ -243,11 +243,14 @@ pub(crate) fn new_block<M>(mut values: std::vec::Drain<'_, M>, status: ObjectSta
 }
 
 /// Tracks one new object, in a block of its own.
-pub(crate) fn block_of_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
-    Arc::new(BlockInner {
-        owner: Arc::clone(owner),
-        objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
-    })
+pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Tracked<M> {
+    Tracked {
+        block: Arc::new(BlockInner {
+            owner: Arc::clone(owner),
+            objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
+        }),
+        index: 0,
+    }
 }
 
 /// Handles to every object of a block, in order.

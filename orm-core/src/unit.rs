@@ -20,7 +20,7 @@ use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::tracked::{block_of_one, handles, new_block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
+use crate::tracked::{handles, new_block, track_one, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -85,7 +85,7 @@ impl<M: Model> Drop for TableState<M> {
 impl<M: Model> TableState<M> {
     /// Starts tracking a new object.
     pub(crate) fn track(&self, value: M, status: ObjectStatus) -> Tracked<M> {
-        Tracked::in_block(&block_of_one(value, status, &self.owner), 0)
+        track_one(value, status, &self.owner)
     }
 
     /// Starts tracking new objects, a block at a time.
@@ -135,11 +135,7 @@ impl<M: Model> TableState<M> {
         }
         let owner = &self.owner;
         let (object, known) = self.identity.get_or_insert_with(key, || {
-            let value = M::from_row_at(row, offset)?;
-            Ok(Tracked::in_block(
-                &block_of_one(value, ObjectStatus::Persistent, owner),
-                0,
-            ))
+            Ok(track_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, owner))
         })?;
         if known {
             merge_known(object, row, offset)
