@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::model::Model;
-use crate::tracked::{Block, Tracked};
+use crate::tracked::{handles, Block, Tracked};
 
 /// Where an object lives: its block among those the map keeps, and its
 /// place in the block.
@@ -276,8 +276,8 @@ impl<M: Model> Identities<M> {
     pub(crate) fn insert_unindexed(&mut self, keys: Vec<M::PrimaryKey>, block: Block<M>, out: &mut Vec<Tracked<M>>) {
         debug_assert_eq!(keys.len(), block.len());
         let len = block.len() as u32;
+        out.extend(handles(&block));
         let id = self.kept.keep(block, len);
-        out.extend((0..len).map(|index| self.kept.handle(Slot { block: id, index })));
         self.unindexed_len += keys.len();
         self.unindexed.push((id, keys));
     }
