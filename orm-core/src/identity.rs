@@ -252,13 +252,14 @@ impl<M: Model> Identities<M> {
         self.index();
         let len = block.len() as u32;
         let id = self.kept.keep(block, 0);
+        let block = self.kept.block_at(id);
         let mut live = 0;
         for (index, key) in (0..len).zip(keys) {
             match self.slots.entry(key) {
                 Entry::Vacant(entry) => {
-                    let slot = *entry.insert(Slot { block: id, index });
+                    entry.insert(Slot { block: id, index });
                     live += 1;
-                    out.push(self.kept.handle(slot));
+                    out.push(Tracked::in_block(block, index));
                 }
                 Entry::Occupied(entry) => out.push(self.kept.handle(*entry.get())),
             }
