@@ -48,11 +48,20 @@ mod loose {
     }
 }
 
+/// A fresh database whose `users` are "user 1" to "user {count}", with ids
+/// 1 to `count` in the same order.
+async fn users_named_in_order(count: i64) -> crate::common::TestDb {
+    let db = setup().await;
+    db.execute(&format!(
+        "INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, {count}) AS i"
+    ))
+    .await;
+    db
+}
+
 #[tokio::test]
 async fn a_large_load_keeps_row_order_and_meets_known_objects_where_they_fall() {
-    let db = setup().await;
-    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 200) AS i")
-        .await;
+    let db = users_named_in_order(200).await;
     let mut session = sessionmaker(&db.engine).session();
     let fifth = session.get::<User>(5).await.unwrap().unwrap();
     let late = session.get::<User>(130).await.unwrap().unwrap();
@@ -101,9 +110,7 @@ async fn a_large_load_keeps_row_order_and_meets_known_objects_where_they_fall() 
 /// them all the same.
 #[tokio::test]
 async fn a_load_in_key_order_is_found_by_every_later_lookup() {
-    let db = setup().await;
-    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 200) AS i")
-        .await;
+    let db = users_named_in_order(200).await;
     let mut session = sessionmaker(&db.engine).session();
     let users = session.query::<User>().order_by(User::id).all().await.unwrap();
     assert_eq!(users.len(), 200);
@@ -139,9 +146,7 @@ async fn a_load_in_key_order_is_found_by_every_later_lookup() {
 /// in the unindexed blocks, and the next load does not bring it back.
 #[tokio::test]
 async fn a_delete_right_after_a_load_in_key_order_meets_its_object() {
-    let db = setup().await;
-    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 100) AS i")
-        .await;
+    let db = users_named_in_order(100).await;
     let mut session = sessionmaker(&db.engine).session();
     let users = session.query::<User>().order_by(User::id).all().await.unwrap();
     session.delete(&users[99]).unwrap();
@@ -440,9 +445,7 @@ async fn values_of_a_column_of_another_type_are_a_type_mismatch_naming_it() {
 /// unindexed blocks of ordered loads and the hashed entries must agree.
 #[tokio::test]
 async fn a_random_walk_of_loads_and_changes_keeps_one_object_per_row() {
-    let db = setup().await;
-    db.execute("INSERT INTO users (name) SELECT 'user ' || i FROM generate_series(1, 150) AS i")
-        .await;
+    let db = users_named_in_order(150).await;
     let mut session = sessionmaker(&db.engine).session();
     // A fixed seed: the same walk every run.
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
