@@ -447,13 +447,16 @@ impl<'c> Executor<'c> {
             })
             .await?;
         let mut stream = std::pin::pin!(stream);
-        while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
-            .await
-            .map_err(Error::from_driver)?
-        {
-            on_row(row)?;
+        // The driver's item matched as it comes: converting it first (to a
+        // `Result<Option<Row>>` of our error) copies every row into another
+        // layout, which the profile showed stalling on reads of the copy.
+        loop {
+            match std::future::poll_fn(|cx| futures_util::Stream::poll_next(stream.as_mut(), cx)).await {
+                Some(Ok(row)) => on_row(row)?,
+                Some(Err(error)) => return Err(Error::from_driver(error)),
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {

@@ -125,7 +125,7 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     fn primary_key_params(key: &Self::PrimaryKey) -> Vec<Param>;
 
     /// Builds an object from a row whose columns are `TABLE.columns`, in order.
-    #[inline]
+    #[inline(always)]
     fn from_row(row: &Row) -> Result<Self> {
         Self::from_row_at(row, 0)
     }

@@ -173,6 +173,9 @@ impl<M> Data<M> {
 }
 
 impl<M> Shared<M> {
+    // Always inlined, so that a block's objects are written in place as the
+    // held-back values are moved in.
+    #[inline(always)]
     fn new(value: M, status: ObjectStatus, fresh_at: u64) -> Self {
         Shared {
             data: RwLock::new(Data {

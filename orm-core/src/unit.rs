@@ -784,7 +784,10 @@ impl<M: Model> FreshRows<M> {
         self.keys.last()
     }
 
-    /// Holds a row back; true once a block's worth is waiting.
+    /// Holds a row back; true once a block's worth is waiting. Inlined, so
+    /// the value is stored once, from registers: passed by reference, it
+    /// was read back in wider pieces than it was written, which stalls.
+    #[inline(always)]
     pub(crate) fn push(&mut self, key: M::PrimaryKey, value: M) -> bool {
         if self.values.capacity() == 0 {
             // A block's worth at once, rather than growing five times.

@@ -275,7 +275,10 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
                 #pk_decode
             }
 
-            #[inline]
+            // Always inlined: returned from a call, the decoded struct goes
+            // through memory inside a `Result` laid out for the error type,
+            // and the caller's wider reads of it stall on the callee's stores.
+            #[inline(always)]
             fn from_row_at(#row: &#krate::__private::Row, offset: usize) -> #krate::Result<Self> {
                 ::core::result::Result::Ok(#ident {
                     #(#decode_fields)*
