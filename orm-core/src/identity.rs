@@ -1,8 +1,8 @@
 //! The identity map: one object per primary key.
 
+use crate::counted::Counted;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use crate::error::Result;
 use crate::model::Model;
@@ -95,7 +95,7 @@ impl<M> KeptBlocks<M> {
     fn slot_of(&mut self, object: &Tracked<M>) -> Slot {
         let (block, index) = object.place();
         let last = self.last.and_then(|id| match &mut self.blocks[id as usize] {
-            Some(kept) if Arc::ptr_eq(&kept.block, block) => {
+            Some(kept) if Counted::ptr_eq(&kept.block, block) => {
                 kept.live += 1;
                 Some(id)
             }
@@ -103,7 +103,7 @@ impl<M> KeptBlocks<M> {
         });
         let id = match last {
             Some(id) => id,
-            None => self.keep(Arc::clone(block), 1),
+            None => self.keep(block.clone(), 1),
         };
         Slot { block: id, index }
     }

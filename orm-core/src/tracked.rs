@@ -5,6 +5,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
+use crate::counted::Counted;
 use crate::error::{Error, Result};
 
 use crate::model::Model;
@@ -218,7 +219,8 @@ impl<M> BlockInner<M> {
     }
 }
 
-pub(crate) type Block<M> = Arc<BlockInner<M>>;
+/// A block, shared by its objects' handles and the identity map.
+pub(crate) type Block<M> = Counted<BlockInner<M>>;
 
 /// The largest block: a handle keeps its whole block alive, so this bounds
 /// how much memory one handle can hold on to.
@@ -239,7 +241,7 @@ pub(crate) fn new_block<M>(mut values: std::vec::Drain<'_, M>, status: ObjectSta
         // An exact-size source: allocated once and filled in place.
         Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect())
     };
-    Arc::new(BlockInner {
+    Counted::new(BlockInner {
         owner: Arc::clone(owner),
         objects,
     })
@@ -248,7 +250,7 @@ pub(crate) fn new_block<M>(mut values: std::vec::Drain<'_, M>, status: ObjectSta
 /// Tracks one new object, in a block of its own.
 pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Tracked<M> {
     Tracked {
-        block: Arc::new(BlockInner {
+        block: Counted::new(BlockInner {
             owner: Arc::clone(owner),
             objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
         }),
@@ -256,9 +258,12 @@ pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -
     }
 }
 
-/// Handles to every object of a block, in order.
+/// Handles to every object of a block, in order, their references to the
+/// block taken in one step.
 pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> + '_ {
-    (0..block.len() as u32).map(|index| Tracked::in_block(block, index))
+    (0..)
+        .zip(block.clones(block.len()))
+        .map(|(index, block)| Tracked { block, index })
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -282,7 +287,7 @@ pub struct Tracked<M> {
 impl<M> Clone for Tracked<M> {
     fn clone(&self) -> Self {
         Tracked {
-            block: Arc::clone(&self.block),
+            block: self.block.clone(),
             index: self.index,
         }
     }
@@ -322,14 +327,14 @@ impl<M> Tracked<M> {
     pub(crate) fn in_block(block: &Block<M>, index: u32) -> Tracked<M> {
         debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
         Tracked {
-            block: Arc::clone(block),
+            block: block.clone(),
             index,
         }
     }
 
     /// Whether this is the object at `index` in `block`.
     pub(crate) fn is_in(&self, block: &Block<M>, index: u32) -> bool {
-        Arc::ptr_eq(&self.block, block) && self.index == index
+        Counted::ptr_eq(&self.block, block) && self.index == index
     }
 
     /// The object's block and its place in it.
@@ -417,7 +422,7 @@ impl<M: Model> Tracked<M> {
 
     /// True when both handles are the same object.
     pub fn ptr_eq(&self, other: &Tracked<M>) -> bool {
-        Arc::ptr_eq(&self.block, &other.block) && self.index == other.index
+        Counted::ptr_eq(&self.block, &other.block) && self.index == other.index
     }
 }
 
