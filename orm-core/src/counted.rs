@@ -10,12 +10,17 @@
 
 use std::marker::PhantomData;
 use std::ops::Deref;
+use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 
 /// Counts above this abort, as `Arc` does: only leaked references could
 /// get there, and an overflow would free a value still in use.
 const MAX_REFS: usize = isize::MAX as usize;
+
+/// The most references [`Counted::clones`] takes at once: far below
+/// `MAX_REFS`, so that checking for overflow cannot itself overflow.
+const MAX_CLONES: usize = u32::MAX as usize;
 
 struct Inner<T> {
     refs: AtomicUsize,
@@ -36,6 +41,10 @@ unsafe impl<T: Send + Sync> Send for Counted<T> {}
 // SAFETY: see `Send`.
 unsafe impl<T: Send + Sync> Sync for Counted<T> {}
 
+// As for `Arc`: moving the pointer never moves the value.
+impl<T> Unpin for Counted<T> {}
+impl<T: RefUnwindSafe> UnwindSafe for Counted<T> {}
+
 impl<T> Counted<T> {
     pub(crate) fn new(value: T) -> Self {
         let inner = Box::new(Inner {
@@ -54,8 +63,8 @@ impl<T> Counted<T> {
         unsafe { self.inner.as_ref() }
     }
 
-    /// Adds `count` references; the caller makes that many values that each
-    /// own one.
+    /// Adds `count` references (at most `MAX_CLONES`); the caller makes
+    /// that many values that each own one.
     fn add_refs(&self, count: usize) {
         let before = self.inner().refs.fetch_add(count, Ordering::Relaxed);
         if before > MAX_REFS - count {
@@ -69,7 +78,15 @@ impl<T> Counted<T> {
     }
 
     /// `count` new references, taken with one atomic increment.
+    ///
+    /// # Panics
+    ///
+    /// If `count` is above `u32::MAX`, before taking any.
     pub(crate) fn clones(&self, count: usize) -> Clones<'_, T> {
+        assert!(
+            count <= MAX_CLONES,
+            "Counted::clones takes at most u32::MAX references at once"
+        );
         self.add_refs(count);
         Clones {
             source: self,
@@ -218,6 +235,22 @@ mod tests {
         assert_eq!(refs(&source), 1);
         drop(source);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_pointer_moves_freely_whatever_it_points_to() {
+        fn assert_unpin<T: Unpin>() {}
+        fn assert_unwind_safe<T: UnwindSafe>() {}
+        assert_unpin::<Counted<std::marker::PhantomPinned>>();
+        // Shared but never handed out mutably, as `Arc` has it.
+        assert_unwind_safe::<Counted<&'static mut u8>>();
+    }
+
+    #[test]
+    #[should_panic(expected = "at most u32::MAX")]
+    fn too_many_clones_at_once_are_refused_before_counting() {
+        let (source, _drops) = probe();
+        let _ = source.clones(usize::MAX);
     }
 
     #[test]
