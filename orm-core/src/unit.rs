@@ -57,7 +57,7 @@ pub(crate) struct TableState<M: Model> {
     pub(crate) flushed_deletes: Vec<Tracked<M>>,
     /// The updates `plan_updates` worked out for the flush under way.
     #[allow(clippy::type_complexity)]
-    planned_updates: Option<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>>>,
+    planned_updates: Option<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>>>,
     /// Shared with every object tracked here; see [`Owner`].
     pub(crate) owner: Arc<Owner>,
 }
@@ -180,16 +180,17 @@ impl<M: Model> TableState<M> {
     /// the set of changed columns, so each group is one UPDATE; each object
     /// with the version its changes were read at.
     #[allow(clippy::type_complexity)]
-    fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>>> {
+    fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>>> {
         let table = M::TABLE;
-        let mut groups: BTreeMap<Vec<usize>, Vec<(Tracked<M>, u64)>> = BTreeMap::new();
+        let mut groups: BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>> = BTreeMap::new();
         for (key, tracked) in self.identity.iter() {
             let data = tracked.data()?;
             let Some(loaded) = &data.loaded else { continue };
             // Read under the lock: a write() needs it, so value and version agree.
             let version = tracked.version();
+            let resend_all = tracked.meta().resend_all();
             let changed: Vec<usize> = (0..table.columns.len())
-                .filter(|&c| data.value.column_differs(loaded, c) || (data.resend_all && !table.columns[c].primary_key))
+                .filter(|&c| data.value.column_differs(loaded, c) || (resend_all && !table.columns[c].primary_key))
                 .collect();
             drop(data);
             if changed.is_empty() {
@@ -199,7 +200,7 @@ impl<M: Model> TableState<M> {
                 match tracked.data_mut() {
                     Ok(mut data) if tracked.version() == version => {
                         data.loaded = None;
-                        data.resend_all = false;
+                        tracked.meta().set_resend_all(false);
                     }
                     _ => self.owner.dirty.store(true, Ordering::Release),
                 }
@@ -320,7 +321,7 @@ impl<M: Model> TableState<M> {
     /// unless it was changed while the statement was in flight (from another
     /// task holding a handle): then which values the database got is unknown,
     /// and the object is left for the next flush to send in full.
-    fn settle(&self, object: &Tracked<M>, version_sent: u64) -> Result<()> {
+    fn settle(&self, object: &Tracked<M>, version_sent: u32) -> Result<()> {
         settle_locked(&self.owner, object, &mut *object.data_mut()?, version_sent);
         Ok(())
     }
@@ -383,7 +384,7 @@ impl<M: Model> Inserting<'_, M> {
         }
         let returning_names: Vec<&'static str> = returning.iter().map(|&c| table.columns[c].name).collect();
 
-        let versions: Vec<u64> = objects.iter().map(|object| object.version()).collect();
+        let versions: Vec<u32> = objects.iter().map(|object| object.version()).collect();
         if explicit.is_empty() {
             // Every column comes from a default: one DEFAULT VALUES row each.
             for object in &objects {
@@ -507,7 +508,7 @@ impl<M: Model> Inserting<'_, M> {
         keys: Option<(usize, Vec<i64>)>,
         objects: Vec<&Tracked<M>>,
         types: &[Type],
-        versions: &[u64],
+        versions: &[u32],
     ) -> Result<()> {
         let table = M::TABLE;
         let keys = keys.as_ref().map(|(column, keys)| (*column, keys.as_slice()));
@@ -535,7 +536,7 @@ impl<M: Model> Inserting<'_, M> {
         Ok(())
     }
 
-    fn mark_inserted(&mut self, objects: &[&Tracked<M>], versions: &[u64]) -> Result<()> {
+    fn mark_inserted(&mut self, objects: &[&Tracked<M>], versions: &[u32]) -> Result<()> {
         self.identity.reserve(objects.len());
         for (object, &version) in objects.iter().zip(versions) {
             self.mark_inserted_locked(object, &mut *object.data_mut()?, version);
@@ -547,7 +548,7 @@ impl<M: Model> Inserting<'_, M> {
     /// while the caller holds its value locked: a `write()` racing with the
     /// flush then sees the object either pending or persistent with its
     /// value settled, never persistent before the value is.
-    fn mark_inserted_locked(&mut self, object: &Tracked<M>, data: &mut Data<M>, version: u64) {
+    fn mark_inserted_locked(&mut self, object: &Tracked<M>, data: &mut Data<M>, version: u32) {
         settle_locked(self.owner, object, data, version);
         object.meta().set_status(ObjectStatus::Persistent);
         if let Some(previous) = self.identity.insert(data.value.primary_key(), object) {
@@ -559,13 +560,13 @@ impl<M: Model> Inserting<'_, M> {
 }
 
 /// [`TableState::settle`], for a caller that holds the value already.
-fn settle_locked<M: Model>(owner: &Owner, object: &Tracked<M>, data: &mut Data<M>, version_sent: u64) {
+fn settle_locked<M: Model>(owner: &Owner, object: &Tracked<M>, data: &mut Data<M>, version_sent: u32) {
     if object.version() == version_sent {
         data.loaded = None;
-        data.resend_all = false;
+        object.meta().set_resend_all(false);
     } else {
         data.loaded = Some(Box::new(data.value.clone()));
-        data.resend_all = true;
+        object.meta().set_resend_all(true);
         owner.dirty.store(true, Ordering::Release);
     }
 }
@@ -876,7 +877,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 return Ok(());
             };
             for (changed, objects) in planned {
-                let (objects, versions): (Vec<Tracked<M>>, Vec<u64>) = objects.into_iter().unzip();
+                let (objects, versions): (Vec<Tracked<M>>, Vec<u32>) = objects.into_iter().unzip();
                 let writer = {
                     let states = objects.iter().map(Tracked::data).collect::<Result<Vec<_>>>()?;
                     let values: Vec<&M> = states.iter().map(|s| &s.value).collect();
