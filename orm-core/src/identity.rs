@@ -124,11 +124,12 @@ impl<M> KeptBlocks<M> {
 /// on the first lookup or change. A read-only session never pays for it.
 pub(crate) struct Identities<M: Model> {
     slots: HashMap<M::PrimaryKey, Slot, foldhash::fast::RandomState>,
-    /// Blocks kept but not in `slots` yet, each with its objects' keys, in
-    /// order; no key among them repeats, nor is any in `slots`.
-    unindexed: Vec<(u32, Vec<M::PrimaryKey>)>,
-    /// How many objects `unindexed` holds.
-    unindexed_len: usize,
+    /// Blocks kept but not in `slots` yet, in load order.
+    unindexed: Vec<u32>,
+    /// The keys of the unindexed blocks' objects, block after block: one
+    /// list rather than one per block, which cost an allocation each. No
+    /// key among them repeats, nor is any in `slots`.
+    unindexed_keys: Vec<M::PrimaryKey>,
     kept: KeptBlocks<M>,
 }
 
@@ -137,7 +138,7 @@ impl<M: Model> Default for Identities<M> {
         Identities {
             slots: HashMap::default(),
             unindexed: Vec::new(),
-            unindexed_len: 0,
+            unindexed_keys: Vec::new(),
             kept: KeptBlocks {
                 blocks: Vec::new(),
                 free: Vec::new(),
@@ -149,7 +150,7 @@ impl<M: Model> Default for Identities<M> {
 
 impl<M: Model> Identities<M> {
     pub(crate) fn len(&self) -> usize {
-        self.slots.len() + self.unindexed_len
+        self.slots.len() + self.unindexed_keys.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -167,14 +168,15 @@ impl<M: Model> Identities<M> {
 
     #[cold]
     fn index_unindexed(&mut self) {
-        self.slots.reserve(self.unindexed_len);
-        for (block, keys) in std::mem::take(&mut self.unindexed) {
-            for (index, key) in (0..).zip(keys) {
+        self.slots.reserve(self.unindexed_keys.len());
+        let mut keys = std::mem::take(&mut self.unindexed_keys).into_iter();
+        for block in std::mem::take(&mut self.unindexed) {
+            let len = self.kept.block_at(block).len() as u32;
+            for (index, key) in (0..len).zip(keys.by_ref()) {
                 let previous = self.slots.insert(key, Slot { block, index });
                 debug_assert!(previous.is_none(), "unindexed keys never repeat");
             }
         }
-        self.unindexed_len = 0;
     }
 
     /// The object for `key`.
@@ -272,30 +274,40 @@ impl<M: Model> Identities<M> {
 
     /// Keeps a block of newly tracked objects without hashing their keys
     /// (see the type's description), and appends the objects to `out` in
-    /// order. The caller guarantees that no key repeats within the block or
-    /// is in the map already.
-    pub(crate) fn insert_unindexed(&mut self, keys: Vec<M::PrimaryKey>, block: Block<M>, out: &mut Vec<Tracked<M>>) {
+    /// order; `keys` (the i-th object's key first) is left empty, to be
+    /// filled again. The caller guarantees that no key repeats within the
+    /// block or is in the map already.
+    pub(crate) fn insert_unindexed(
+        &mut self,
+        keys: &mut Vec<M::PrimaryKey>,
+        block: Block<M>,
+        out: &mut Vec<Tracked<M>>,
+    ) {
         debug_assert_eq!(keys.len(), block.len());
         let len = block.len() as u32;
         out.extend(handles(&block));
         let id = self.kept.keep(block, len);
-        self.unindexed_len += keys.len();
-        self.unindexed.push((id, keys));
+        self.unindexed_keys.append(keys);
+        self.unindexed.push(id);
     }
 
     /// The last key of the unindexed blocks: a load that goes on with a
     /// greater key may stay unindexed.
     pub(crate) fn last_unindexed_key(&self) -> Option<&M::PrimaryKey> {
-        self.unindexed.last().and_then(|(_, keys)| keys.last())
+        self.unindexed_keys.last()
     }
 
     /// Every entry, with a handle to its object.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Tracked<M>)> + '_ {
-        let unindexed = self.unindexed.iter().flat_map(move |(block, keys)| {
-            (0..)
-                .zip(keys)
-                .map(move |(index, key)| (key, self.kept.handle(Slot { block: *block, index })))
+        let slots = self.unindexed.iter().flat_map(move |&block| {
+            let len = self.kept.block_at(block).len() as u32;
+            (0..len).map(move |index| Slot { block, index })
         });
+        let unindexed = self
+            .unindexed_keys
+            .iter()
+            .zip(slots)
+            .map(|(key, slot)| (key, self.kept.handle(slot)));
         self.slots
             .iter()
             .map(|(key, &slot)| (key, self.kept.handle(slot)))

@@ -166,8 +166,7 @@ impl<M: Model> TableState<M> {
         }
         let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
         if unindexed {
-            let keys = std::mem::take(&mut fresh.keys);
-            self.identity.insert_unindexed(keys, block, out);
+            self.identity.insert_unindexed(&mut fresh.keys, block, out);
         } else {
             self.identity.reserve(rows);
             // A key repeated among the held-back rows gives the first row's
