@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::error::Result;
 use crate::model::Model;
-use crate::tracked::{handles, Block, Tracked};
+use crate::tracked::{Block, Tracked};
 
 /// Where an object lives: its block among those the map keeps, and its
 /// place in the block.
@@ -272,22 +272,16 @@ impl<M: Model> Identities<M> {
         self.kept.release(id);
     }
 
-    /// Keeps a block of newly tracked objects without hashing their keys
-    /// (see the type's description), and appends the objects to `out` in
-    /// order; `keys` (the i-th object's key first) is left empty, to be
-    /// filled again. The caller guarantees that no key repeats within the
-    /// block or is in the map already.
-    pub(crate) fn insert_unindexed(
-        &mut self,
-        keys: &mut Vec<M::PrimaryKey>,
-        block: Block<M>,
-        out: &mut Vec<Tracked<M>>,
-    ) {
-        debug_assert_eq!(keys.len(), block.len());
-        let len = block.len() as u32;
-        out.extend(handles(&block));
-        let id = self.kept.keep(block, len);
-        self.unindexed_keys.append(keys);
+    /// Keeps a block of tracked objects without hashing their keys (see the
+    /// type's description), the i-th object under the i-th of `keys`. The
+    /// caller guarantees that no key repeats within the block or is in the
+    /// map already.
+    pub(crate) fn insert_unindexed(&mut self, keys: impl Iterator<Item = M::PrimaryKey>, block: Block<M>) {
+        let len = block.len();
+        let before = self.unindexed_keys.len();
+        self.unindexed_keys.extend(keys);
+        debug_assert_eq!(self.unindexed_keys.len() - before, len);
+        let id = self.kept.keep(block, len as u32);
         self.unindexed.push(id);
     }
 

@@ -72,9 +72,11 @@ impl Owner {
 /// The session's bookkeeping, apart from the value so that the session can
 /// update it while the caller holds a borrow of the value.
 ///
-/// Atomics rather than a lock: only the session writes them, and it holds
-/// the session exclusively while it does, so no two writers ever race, and
-/// an uncontended lock and unlock cost as much again as the store. A change
+/// Atomics rather than a lock: only the session writes them (but for
+/// `version`, which `write()` moves on while it holds the value's write
+/// lock, and which the session reads under that lock), and it holds the
+/// session exclusively while it does, so no two writers ever race, and an
+/// uncontended lock and unlock cost as much again as the store. A change
 /// that `write()` must see consistently with the value (an object becoming
 /// persistent) is made while the value's lock is held, which `write()`
 /// takes too.

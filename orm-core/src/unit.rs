@@ -20,7 +20,7 @@ use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::tracked::{handles, new_block, track_one, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
+use crate::tracked::{handles, new_block, track_one, Block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -166,7 +166,8 @@ impl<M: Model> TableState<M> {
         }
         let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
         if unindexed {
-            self.identity.insert_unindexed(&mut fresh.keys, block, out);
+            out.extend(handles(&block));
+            self.identity.insert_unindexed(fresh.keys.drain(..), block);
         } else {
             self.identity.reserve(rows);
             // A key repeated among the held-back rows gives the first row's
@@ -528,19 +529,53 @@ impl<M: Model> Inserting<'_, M> {
                 )));
             }
         }
-        self.identity.reserve(objects.len());
+        let mut keys = Vec::with_capacity(objects.len());
         for ((object, state), &version) in objects.iter().zip(&mut states).zip(versions) {
-            self.mark_inserted_locked(object, state, version);
+            keys.push(mark_persistent(self.owner, object, state, version));
         }
+        self.enter_inserted(&objects, keys);
         Ok(())
     }
 
     fn mark_inserted(&mut self, objects: &[&Tracked<M>], versions: &[u32]) -> Result<()> {
-        self.identity.reserve(objects.len());
+        let mut keys = Vec::with_capacity(objects.len());
+        let mut result = Ok(());
         for (object, &version) in objects.iter().zip(versions) {
-            self.mark_inserted_locked(object, &mut *object.data_mut()?, version);
+            match object.data_mut() {
+                Ok(mut data) => keys.push(mark_persistent(self.owner, object, &mut data, version)),
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
         }
-        Ok(())
+        // Those marked persistent go in the map even if one could not be.
+        self.enter_inserted(&objects[..keys.len()], keys);
+        result
+    }
+
+    /// Puts newly inserted objects in the identity map, the i-th under
+    /// `keys[i]`. Into an empty map, keys that ascend and objects that fill
+    /// their blocks in order (as `add_all` made them) go in unindexed, as a
+    /// load in key order does: a large insert then hashes no key unless the
+    /// session looks one up.
+    fn enter_inserted(&mut self, objects: &[&Tracked<M>], keys: Vec<M::PrimaryKey>) {
+        debug_assert_eq!(objects.len(), keys.len());
+        let ascending = keys.windows(2).all(|pair| pair[0] < pair[1]);
+        if ascending && self.identity.is_empty() {
+            if let Some(blocks) = whole_blocks(objects) {
+                let mut keys = keys.into_iter();
+                for block in blocks {
+                    let len = block.len();
+                    self.identity.insert_unindexed(keys.by_ref().take(len), block);
+                }
+                return;
+            }
+        }
+        self.identity.reserve(objects.len());
+        for (object, key) in objects.iter().zip(keys) {
+            enter_one(self.identity, key, object);
+        }
     }
 
     /// Marks an inserted object persistent and puts it in the identity map,
@@ -548,14 +583,44 @@ impl<M: Model> Inserting<'_, M> {
     /// flush then sees the object either pending or persistent with its
     /// value settled, never persistent before the value is.
     fn mark_inserted_locked(&mut self, object: &Tracked<M>, data: &mut Data<M>, version: u32) {
-        settle_locked(self.owner, object, data, version);
-        object.meta().set_status(ObjectStatus::Persistent);
-        if let Some(previous) = self.identity.insert(data.value.primary_key(), object) {
-            // The row that object stood for was deleted behind the
-            // session's back; the new row replaces it.
-            previous.meta().set_final_status(ObjectStatus::Detached);
-        }
+        let key = mark_persistent(self.owner, object, data, version);
+        enter_one(self.identity, key, object);
     }
+}
+
+/// Marks an inserted object persistent, while the caller holds its value
+/// locked (see [`Inserting::mark_inserted_locked`]), and returns its key.
+fn mark_persistent<M: Model>(owner: &Owner, object: &Tracked<M>, data: &mut Data<M>, version: u32) -> M::PrimaryKey {
+    settle_locked(owner, object, data, version);
+    object.meta().set_status(ObjectStatus::Persistent);
+    data.value.primary_key()
+}
+
+/// Puts one inserted object in the identity map under `key`.
+fn enter_one<M: Model>(identity: &mut Identities<M>, key: M::PrimaryKey, object: &Tracked<M>) {
+    if let Some(previous) = identity.insert(key, object) {
+        // The row that object stood for was deleted behind the session's
+        // back; the new row replaces it.
+        previous.meta().set_final_status(ObjectStatus::Detached);
+    }
+}
+
+/// The blocks of `objects`, if they are every object of each block, in
+/// block order and each block's own order.
+fn whole_blocks<M>(objects: &[&Tracked<M>]) -> Option<Vec<Block<M>>> {
+    let mut blocks = Vec::new();
+    let mut rest = objects;
+    while let Some(first) = rest.first() {
+        let (block, 0) = first.place() else { return None };
+        let len = block.len();
+        let run = rest.get(..len)?;
+        if !(0..).zip(run).all(|(index, object)| object.is_in(block, index)) {
+            return None;
+        }
+        blocks.push(block.clone());
+        rest = &rest[len..];
+    }
+    Some(blocks)
 }
 
 /// [`TableState::settle`], for a caller that holds the value already.

@@ -4,7 +4,7 @@
 use orm::prelude::*;
 
 use crate::common::{test_db, EchoCapture};
-use crate::models::{setup, Post, User};
+use crate::models::{setup, Author, Post, User};
 
 /// A model that counts how many of its values were dropped, to see when a
 /// session lets go of objects.
@@ -509,4 +509,107 @@ async fn a_random_walk_of_loads_and_changes_keeps_one_object_per_row() {
         }
     }
     assert!(steps.contains(&7) && steps.contains(&4) && steps.contains(&5));
+}
+
+/// A large insert into a session that holds no objects of the model enters
+/// them in the identity map without hashing their keys: every way of
+/// reaching them afterwards must find them all the same.
+#[tokio::test]
+async fn objects_of_a_large_insert_are_found_by_every_later_lookup() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let author = session.add(User::new("sandy"));
+    session.commit().await.unwrap();
+    let author_id = author.read().id;
+
+    // Enough for binary COPY, with keys taken from the sequence.
+    let posts = session.add_all((0..1_500).map(|i| Post {
+        id: 0,
+        user_id: author_id,
+        title: format!("post {i}"),
+        score: 0.0,
+    }));
+    // Flushed, not committed, which would expire the objects: a get would
+    // then load each again.
+    session.flush().await.unwrap();
+
+    let echo = EchoCapture::start();
+    for post in &posts {
+        let id = post.read().id;
+        assert!(session.get::<Post>(id).await.unwrap().unwrap().ptr_eq(post));
+    }
+    assert!(echo.take().is_empty(), "answered from the identity map");
+
+    let loaded = session.query::<Post>().order_by(Post::id).all().await.unwrap();
+    assert_eq!(loaded.len(), 1_500);
+    assert!(loaded.iter().zip(&posts).all(|(a, b)| a.ptr_eq(b)));
+
+    posts[700].write().title = "changed".to_owned();
+    session.delete(&posts[3]).unwrap();
+    session.commit().await.unwrap();
+    let (changed, deleted) = (posts[700].read().id, posts[3].read().id);
+    assert_eq!(
+        db.strings(&format!("SELECT title FROM posts WHERE id = {changed}"))
+            .await,
+        ["changed"]
+    );
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM posts WHERE id = {deleted}"))
+            .await,
+        0
+    );
+}
+
+/// Inserted objects go in the identity map by hashing when they cannot go
+/// in unindexed: keys that do not ascend, a block that lost an object before
+/// the flush, or a session that holds objects of the model already. Each
+/// way, lookups find the inserted objects.
+#[tokio::test]
+async fn inserted_objects_are_found_however_they_enter_the_identity_map() {
+    let db = setup().await;
+    db.execute("INSERT INTO authors VALUES (5000, 'held')").await;
+    let authors = |ids: Vec<i64>| {
+        ids.into_iter().map(|id| Author {
+            id,
+            name: format!("author {id}"),
+        })
+    };
+
+    // Keys chosen by the application, descending.
+    let mut session = sessionmaker(&db.engine).session();
+    let descending = session.add_all(authors((1..=300).rev().collect()));
+    session.flush().await.unwrap();
+
+    // A block of `add_all` without one of its objects, removed before the
+    // flush.
+    let mut gapped_session = sessionmaker(&db.engine).session();
+    let gapped = gapped_session.add_all(authors((1_001..=1_100).collect()));
+    gapped_session.delete(&gapped[50]).unwrap();
+    gapped_session.flush().await.unwrap();
+
+    // A session that holds an author already.
+    let mut holding_session = sessionmaker(&db.engine).session();
+    let held = holding_session.get::<Author>(5_000).await.unwrap().unwrap();
+    let added = holding_session.add_all(authors((2_001..=2_100).collect()));
+    holding_session.flush().await.unwrap();
+
+    let echo = EchoCapture::start();
+    for author in &descending {
+        let id = author.read().id;
+        assert!(session.get::<Author>(id).await.unwrap().unwrap().ptr_eq(author));
+    }
+    for (i, author) in gapped.iter().enumerate().filter(|&(i, _)| i != 50) {
+        let id = 1_001 + i as i64;
+        assert!(gapped_session.get::<Author>(id).await.unwrap().unwrap().ptr_eq(author));
+    }
+    for author in added.iter().chain([&held]) {
+        let id = author.read().id;
+        assert!(holding_session.get::<Author>(id).await.unwrap().unwrap().ptr_eq(author));
+    }
+    assert!(echo.take().is_empty(), "answered from the identity maps");
+    assert!(gapped_session.get::<Author>(1_051).await.unwrap().is_none());
+    for session in [&mut session, &mut gapped_session, &mut holding_session] {
+        session.commit().await.unwrap();
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 500);
 }
