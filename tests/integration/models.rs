@@ -41,6 +41,26 @@ pub struct Post {
     pub score: f64,
 }
 
+impl Post {
+    /// Post number `i` of user `user_id`: titled "post {i}", scored `i`.
+    pub fn numbered(user_id: i64, i: i32) -> Self {
+        Post {
+            id: 0,
+            user_id,
+            title: format!("post {i}"),
+            score: f64::from(i),
+        }
+    }
+}
+
+/// Adds and commits the user "sandy", for posts to belong to; returns the key.
+pub async fn add_author(session: &mut Session) -> i64 {
+    let author = session.add(User::new("sandy"));
+    session.commit().await.expect("commit the author");
+    let id = author.read().id;
+    id
+}
+
 /// Linked to both users and posts: joining it to a query of both needs
 /// the columns named.
 #[derive(Model, Debug, Clone, PartialEq)]

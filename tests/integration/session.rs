@@ -1,7 +1,7 @@
 use orm::prelude::*;
 
 use crate::common::EchoCapture;
-use crate::models::{setup, Author, Book, Membership, Post, User};
+use crate::models::{add_author, setup, Author, Book, Membership, Post, User};
 
 #[tokio::test]
 async fn add_and_commit_assigns_keys_and_server_defaults() {
@@ -1161,16 +1161,9 @@ async fn large_batches_with_every_column_set_go_in_by_binary_copy() {
 async fn large_batches_with_identity_keys_reserve_their_keys_then_copy() {
     let db = setup().await;
     let mut session = sessionmaker(&db.engine).session();
-    let author = session.add(User::new("sandy"));
-    session.commit().await.unwrap();
-    let author_id = author.read().id;
+    let author_id = add_author(&mut session).await;
 
-    let posts = session.add_all((0..1_500).map(|i| Post {
-        id: 0,
-        user_id: author_id,
-        title: format!("post {i}"),
-        score: f64::from(i),
-    }));
+    let posts = session.add_all((0..1_500).map(|i| Post::numbered(author_id, i)));
     let echo = EchoCapture::start();
     session.flush().await.unwrap();
     let statements = echo.take();

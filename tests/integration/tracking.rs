@@ -4,7 +4,7 @@
 use orm::prelude::*;
 
 use crate::common::{test_db, EchoCapture};
-use crate::models::{setup, Author, Post, User};
+use crate::models::{add_author, setup, Author, Post, User};
 
 /// A model that counts how many of its values were dropped, to see when a
 /// session lets go of objects.
@@ -518,17 +518,10 @@ async fn a_random_walk_of_loads_and_changes_keeps_one_object_per_row() {
 async fn objects_of_a_large_insert_are_found_by_every_later_lookup() {
     let db = setup().await;
     let mut session = sessionmaker(&db.engine).session();
-    let author = session.add(User::new("sandy"));
-    session.commit().await.unwrap();
-    let author_id = author.read().id;
+    let author_id = add_author(&mut session).await;
 
     // Enough for binary COPY, with keys taken from the sequence.
-    let posts = session.add_all((0..1_500).map(|i| Post {
-        id: 0,
-        user_id: author_id,
-        title: format!("post {i}"),
-        score: 0.0,
-    }));
+    let posts = session.add_all((0..1_500).map(|i| Post::numbered(author_id, i)));
     // Flushed, not committed, which would expire the objects: a get would
     // then load each again.
     session.flush().await.unwrap();
