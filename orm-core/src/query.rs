@@ -374,7 +374,10 @@ impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
             }
         }
         if let Some(last) = &self.last {
-            if self.key == self.last_key {
+            // Element by element: `==` on slices calls libc's memcmp, which
+            // the profile put at 2% of a join of 1,000 rows for these few
+            // bytes.
+            if self.key.iter().eq(self.last_key.iter()) {
                 return Ok(last.clone());
             }
         }
