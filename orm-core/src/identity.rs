@@ -67,6 +67,27 @@ impl<M> KeptBlocks<M> {
         id
     }
 
+    /// A place for a block not made yet; slots may name it before
+    /// [`fill`](Self::fill) puts the block there, but no handle may be
+    /// taken from it until then.
+    fn reserve(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.blocks.push(None);
+                u32::try_from(self.blocks.len() - 1).unwrap_or_else(|_| unreachable!("2^32 blocks"))
+            }
+        }
+    }
+
+    /// Puts `block`, holding `live` of its objects, at the place
+    /// [`reserve`](Self::reserve) gave.
+    fn fill(&mut self, id: u32, block: Block<M>, live: u32) {
+        debug_assert!(self.blocks[id as usize].is_none());
+        self.blocks[id as usize] = Some(Kept { block, live });
+        self.last = Some(id);
+    }
+
     /// Sets how many objects of the block at `id` the map holds.
     fn set_live(&mut self, id: u32, live: u32) {
         if let Some(kept) = &mut self.blocks[id as usize] {
@@ -131,6 +152,19 @@ pub(crate) struct Identities<M: Model> {
     /// key among them repeats, nor is any in `slots`.
     unindexed_keys: Vec<M::PrimaryKey>,
     kept: KeptBlocks<M>,
+    /// The block a join is gathering its new objects into: its reserved
+    /// place in `kept`, and how many objects it will hold. Slots of these
+    /// objects name the place before the block exists.
+    gathering: Option<(u32, u32)>,
+}
+
+/// What the identity map has for a key a join brings.
+pub(crate) enum Gathered<M> {
+    /// The map's object.
+    Held(Tracked<M>),
+    /// The object at this place in the block being gathered, new in this
+    /// load.
+    Gathering(u32),
 }
 
 impl<M: Model> Default for Identities<M> {
@@ -144,6 +178,7 @@ impl<M: Model> Default for Identities<M> {
                 free: Vec::new(),
                 last: None,
             },
+            gathering: None,
         }
     }
 }
@@ -202,6 +237,48 @@ impl<M: Model> Identities<M> {
                 Ok((object, false))
             }
         }
+    }
+
+    /// The map's object for `key`, or its place in the block being
+    /// gathered; for a key new to the map, `gather` holds the object's value
+    /// back (to be tracked at that place) and the key goes in the map, named
+    /// for that place, unless `gather` fails.
+    pub(crate) fn get_or_gather(
+        &mut self,
+        key: M::PrimaryKey,
+        gather: impl FnOnce() -> Result<()>,
+    ) -> Result<Gathered<M>> {
+        self.index();
+        let Identities {
+            slots, kept, gathering, ..
+        } = self;
+        match slots.entry(key) {
+            Entry::Occupied(entry) => {
+                let slot = *entry.get();
+                Ok(match *gathering {
+                    Some((id, _)) if id == slot.block => Gathered::Gathering(slot.index),
+                    _ => Gathered::Held(kept.handle(slot)),
+                })
+            }
+            Entry::Vacant(entry) => {
+                gather()?;
+                let (id, len) = gathering.get_or_insert_with(|| (kept.reserve(), 0));
+                let index = *len;
+                *len += 1;
+                entry.insert(Slot { block: *id, index });
+                Ok(Gathered::Gathering(index))
+            }
+        }
+    }
+
+    /// Keeps the gathered block, made from the values `get_or_gather` held
+    /// back, in order, at the place its objects' slots name.
+    pub(crate) fn finish_gathering(&mut self, block: Block<M>) {
+        let Some((id, len)) = self.gathering.take() else {
+            unreachable!("a block is being gathered")
+        };
+        debug_assert_eq!(block.len(), len as usize);
+        self.kept.fill(id, block, len);
     }
 
     /// Whether `object` is the map's object for `key`.

@@ -8,10 +8,11 @@ use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
+use crate::identity::Gathered;
 use crate::model::{Model, TableDef};
 use crate::session::{put_unit, take_unit, unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
-use crate::tracked::Tracked;
+use crate::tracked::{Tracked, MAX_BLOCK};
 use crate::types::ColumnType;
 use crate::unit::{FreshRows, TableState};
 
@@ -216,9 +217,19 @@ pub trait Joined: 'static {
     /// Decodes the model's columns from `offset` on and merges them.
     #[doc(hidden)]
     fn merge_at(units: &mut SessionUnits<'_>, row: &Row, offset: usize) -> Result<Self::Output>;
-    /// The same, into the model's state that a join's merger holds.
+    /// The same, into the model's state that a join's merger holds; a new
+    /// object's value is held back in `gathered`, to be tracked with the
+    /// others of its block, and its place in that block comes back.
     #[doc(hidden)]
-    fn merge_into(state: &mut JoinedState<Self::Model>, row: &Row, offset: usize) -> Result<Self::Output>;
+    fn gather_into(
+        state: &mut JoinedState<Self::Model>,
+        gathered: &mut Vec<Self::Model>,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Self::Output>>;
+    /// What a row yields for an object of the gathered block.
+    #[doc(hidden)]
+    fn gathered(object: Tracked<Self::Model>) -> Self::Output;
     /// Decodes the model's columns from `offset` on, untracked.
     #[doc(hidden)]
     fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
@@ -235,8 +246,20 @@ impl<B: Model> Joined for B {
     }
 
     #[inline]
-    fn merge_into(state: &mut JoinedState<B>, row: &Row, offset: usize) -> Result<Tracked<B>> {
-        state.0.merge_row(row, offset)
+    fn gather_into(
+        state: &mut JoinedState<B>,
+        gathered: &mut Vec<B>,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Tracked<B>>> {
+        Ok(match state.0.gather_row(gathered, row, offset)? {
+            Gathered::Held(object) => Pending::Ready(object),
+            Gathered::Gathering(index) => Pending::Gathering(index),
+        })
+    }
+
+    fn gathered(object: Tracked<B>) -> Tracked<B> {
+        object
     }
 
     #[inline]
@@ -294,12 +317,23 @@ impl<B: Model> Joined for Option<B> {
     }
 
     #[inline]
-    fn merge_into(state: &mut JoinedState<B>, row: &Row, offset: usize) -> Result<Option<Tracked<B>>> {
-        if left_matched::<B>(row, offset)? {
-            Ok(Some(state.0.merge_row(row, offset)?))
-        } else {
-            Ok(None)
+    fn gather_into(
+        state: &mut JoinedState<B>,
+        gathered: &mut Vec<B>,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Option<Tracked<B>>>> {
+        if !left_matched::<B>(row, offset)? {
+            return Ok(Pending::Ready(None));
         }
+        Ok(match state.0.gather_row(gathered, row, offset)? {
+            Gathered::Held(object) => Pending::Ready(Some(object)),
+            Gathered::Gathering(index) => Pending::Gathering(index),
+        })
+    }
+
+    fn gathered(object: Tracked<B>) -> Option<Tracked<B>> {
+        Some(object)
     }
 
     #[inline]
@@ -331,6 +365,23 @@ pub struct JoinMerger<'u, S: Selection, J: Joined> {
     key: Vec<u8>,
     last_key: Vec<u8>,
     last: Option<S::Output>,
+    /// Values of the joined model's new objects, held back to be tracked a
+    /// block at a time (one allocation for many, as a plain load does).
+    gathered: Vec<J::Model>,
+    /// Rows from the first that needs a held-back object on, in order,
+    /// until their block is made.
+    pending: Vec<(S::Output, Pending<J::Output>)>,
+}
+
+/// What a join's row yields for its joined model, before the block of new
+/// objects it may need is made.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Pending<O> {
+    /// The output itself: an object the session held, or none.
+    Ready(O),
+    /// The object at this place in the block being gathered.
+    Gathering(u32),
 }
 
 /// One model's state, held by a join's merger while it loads.
@@ -345,7 +396,10 @@ impl<M: Model> std::fmt::Debug for JoinedState<M> {
 
 impl<S: Selection, J: Joined> Drop for JoinMerger<'_, S, J> {
     fn drop(&mut self) {
-        if let Some(JoinedState(state)) = self.right.take() {
+        if let Some(JoinedState(mut state)) = self.right.take() {
+            // A load cut short still tracks what it gathered: the identity
+            // map already names those objects' places.
+            state.finish_gathering(&mut self.gathered);
             put_unit(self.units.0, state);
         }
     }
@@ -360,6 +414,23 @@ impl<S: Selection, J: Joined> std::fmt::Debug for JoinMerger<'_, S, J> {
 }
 
 impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
+    /// Tracks the gathered objects in one block and appends the pending
+    /// rows, in order.
+    fn flush(&mut self, out: &mut Vec<(S::Output, J::Output)>) {
+        let block = match &mut self.right {
+            Some(state) => state.0.finish_gathering(&mut self.gathered),
+            None => unreachable!("the joined model's state is held until the merger goes"),
+        };
+        out.extend(self.pending.drain(..).map(|(left, right)| {
+            let right = match (right, &block) {
+                (Pending::Ready(right), _) => right,
+                (Pending::Gathering(index), Some(block)) => J::gathered(Tracked::in_block(block, index)),
+                (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
+            };
+            (left, right)
+        }));
+    }
+
     /// The left side of `row`: the row before's if its keys are the same.
     fn left(&mut self, row: &Row) -> Result<S::Output> {
         self.key.clear();
@@ -422,6 +493,8 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
             key: Vec::new(),
             last_key: Vec::new(),
             last: None,
+            gathered: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -429,11 +502,24 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
     fn merge(merger: &mut Self::Merger<'_>, row: &Row, out: &mut Vec<Self::Output>) -> Result<()> {
         let left = merger.left(row)?;
         let right = match &mut merger.right {
-            Some(state) => J::merge_into(state, row, S::width())?,
+            Some(state) => J::gather_into(state, &mut merger.gathered, row, S::width())?,
             None => unreachable!("the joined model's state is held until the merger goes"),
         };
-        out.push((left, right));
+        match right {
+            // Nothing waits for a block: the row goes out as it is.
+            Pending::Ready(right) if merger.pending.is_empty() => out.push((left, right)),
+            right => {
+                merger.pending.push((left, right));
+                if merger.gathered.len() == MAX_BLOCK {
+                    merger.flush(out);
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Self::Output>) {
+        merger.flush(out);
     }
 
     #[inline]

@@ -14,7 +14,7 @@ use tokio_postgres::Row;
 
 use crate::engine::Executor;
 use crate::error::{Error, Result};
-use crate::identity::Identities;
+use crate::identity::{Gathered, Identities};
 use crate::model::{Model, TableDef};
 use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
@@ -142,6 +142,38 @@ impl<M: Model> TableState<M> {
         } else {
             Ok(object)
         }
+    }
+
+    /// For a join's joined model: the session's object for the row's key,
+    /// with the row merged into it, or else the place of the row's new
+    /// object in the block being gathered, its value held back in
+    /// `gathered`. Only the key is decoded when the session's object needs
+    /// nothing from the row.
+    pub(crate) fn gather_row(&mut self, gathered: &mut Vec<M>, row: &Row, offset: usize) -> Result<Gathered<M>> {
+        let key = M::primary_key_at(row, offset)?;
+        if let Some(deleted) = self.deleted_object(&key) {
+            return Ok(Gathered::Held(merge_known(deleted, row, offset)?));
+        }
+        let found = self.identity.get_or_gather(key, || {
+            gathered.push(M::from_row_at(row, offset)?);
+            Ok(())
+        })?;
+        match found {
+            Gathered::Held(known) => Ok(Gathered::Held(merge_known(known, row, offset)?)),
+            gathering => Ok(gathering),
+        }
+    }
+
+    /// Tracks the values [`gather_row`](Self::gather_row) held back in one
+    /// block, at the place their keys name, and returns it (none if there
+    /// were none).
+    pub(crate) fn finish_gathering(&mut self, gathered: &mut Vec<M>) -> Option<Block<M>> {
+        if gathered.is_empty() {
+            return None;
+        }
+        let block = new_block(gathered.drain(..), ObjectStatus::Persistent, &self.owner);
+        self.identity.finish_gathering(block.clone());
+        Some(block)
     }
 
     /// The session's object for `key`, with the row (the model's columns

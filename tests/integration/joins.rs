@@ -474,3 +474,141 @@ async fn a_parent_on_consecutive_or_scattered_rows_is_one_object_refreshed_once(
         assert!(!pair[0].1.ptr_eq(&pair[1].1), "one post per row");
     }
 }
+
+/// Three users with 50 posts each, the posts' keys interleaved across the
+/// users (post 1 is sandy's, 2 patrick's, 3 gary's, ...).
+async fn many_posts() -> crate::common::TestDb {
+    let db = setup().await;
+    db.execute(
+        "INSERT INTO users (name) VALUES ('sandy'), ('patrick'), ('gary'); \
+         INSERT INTO posts (user_id, title, score) \
+         SELECT 1 + (i - 1) % 3, 'post ' || i, i FROM generate_series(1, 150) AS i",
+    )
+    .await;
+    db
+}
+
+/// A join holds its joined model's new objects back and tracks them 64 at a
+/// time: rows still come out in order, each with its own row's object,
+/// objects the session held before the join among them, and one object per
+/// row whether it repeats within a block or across blocks.
+#[tokio::test]
+async fn a_join_tracks_new_joined_objects_in_blocks_and_keeps_row_order() {
+    let db = many_posts().await;
+    let mut session = sessionmaker(&db.engine).session();
+    // Held before the join, in the first, second and third block's rows.
+    let held: Vec<Tracked<Post>> = {
+        let mut held = Vec::new();
+        for id in [4, 100, 149] {
+            held.push(session.get::<Post>(id).await.unwrap().unwrap());
+        }
+        held
+    };
+
+    let rows = session
+        .query::<User>()
+        .join::<Post>()
+        .order_by(User::id)
+        .order_by(Post::id)
+        .all()
+        .await
+        .unwrap();
+    let expected = db
+        .strings(
+            "SELECT u.name || ':' || p.id || ':' || p.title FROM users u JOIN posts p ON p.user_id = u.id \
+             ORDER BY u.id, p.id",
+        )
+        .await;
+    let got: Vec<String> = rows
+        .iter()
+        .map(|(user, post)| format!("{}:{}:{}", user.read().name, post.read().id, post.read().title))
+        .collect();
+    assert_eq!(got, expected);
+    for held in &held {
+        let id = held.read().id;
+        let (_, post) = rows.iter().find(|(_, post)| post.read().id == id).unwrap();
+        assert!(post.ptr_eq(held), "post {id} is the object held before the join");
+    }
+    let echo = EchoCapture::start();
+    for (_, post) in &rows {
+        let id = post.read().id;
+        assert!(session.get::<Post>(id).await.unwrap().unwrap().ptr_eq(post));
+    }
+    assert!(echo.take().is_empty(), "every joined post is in the identity map");
+
+    // From the child side, in a fresh session, each user comes back on
+    // every one of its rows: repeated within the first block, and in later
+    // blocks after it was made.
+    let mut session = sessionmaker(&db.engine).session();
+    let rows = session
+        .query::<Post>()
+        .join::<User>()
+        .order_by(Post::id)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 150);
+    for (i, (post, user)) in rows.iter().enumerate() {
+        assert_eq!(post.read().id as usize, i + 1);
+        assert!(user.ptr_eq(&rows[i % 3].1), "row {i}");
+    }
+    rows[7].1.write().email = Some("patrick@example.com".to_owned());
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.strings("SELECT coalesce(email, '-') FROM users ORDER BY id").await,
+        ["-", "patrick@example.com", "-"]
+    );
+}
+
+/// The joined model, read from a view whose rows stall halfway: a load
+/// given up while waiting for them has objects held back for a block.
+mod stalling {
+    use orm::prelude::*;
+
+    use crate::models::User;
+
+    orm::declarative_base!(pub StallBase);
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "stalling_posts", base = StallBase)]
+    pub struct StallingPost {
+        #[orm(primary_key)]
+        pub id: i32,
+        #[orm(foreign_key = User::id)]
+        pub user_id: i64,
+        pub title: String,
+    }
+}
+
+/// A join given up in the middle of its rows (its future dropped) still
+/// tracks the joined objects it held back, whose slots the identity map
+/// already holds, and the session goes on after a rollback.
+#[tokio::test]
+async fn a_join_given_up_mid_rows_leaves_a_session_that_rolls_back_and_goes_on() {
+    use stalling::StallingPost;
+
+    let db = many_posts().await;
+    // Rows wide enough that the server sends the first ones before it
+    // stalls on post 120 for two seconds.
+    db.execute(
+        "CREATE VIEW stalling_posts AS SELECT id, user_id, \
+         CASE WHEN id = 120 THEN (SELECT repeat('x', 500) FROM pg_sleep(2)) ELSE repeat('x', 500) END AS title \
+         FROM posts; ANALYZE posts",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let load = session.query::<StallingPost>().join::<User>().all();
+    let given_up = tokio::time::timeout(std::time::Duration::from_millis(700), load).await;
+    assert!(given_up.is_err(), "the load waits on the stalled row");
+
+    // The merger, dropped with the load, tracked the users it had met on
+    // the rows before the stall (their slots in the identity map name the
+    // block it was gathering), and nothing panicked. The session itself
+    // refuses to go on until it is rolled back, which forgets them.
+    assert!(matches!(session.get::<User>(1).await, Err(Error::InvalidState(_))));
+
+    // The session goes on after a rollback.
+    session.rollback().await.unwrap();
+    let again = session.query::<User>().order_by(User::id).all().await.unwrap();
+    assert_eq!(again.len(), 3);
+}
