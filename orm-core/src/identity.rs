@@ -90,6 +90,7 @@ impl<M> KeptBlocks<M> {
 
     /// Sets how many objects of the block at `id` the map holds.
     fn set_live(&mut self, id: u32, live: u32) {
+        debug_assert!(self.blocks[id as usize].is_some(), "a kept block");
         if let Some(kept) = &mut self.blocks[id as usize] {
             kept.live = live;
         }
@@ -98,6 +99,7 @@ impl<M> KeptBlocks<M> {
     /// One object of the block at `id` left the map; the block goes with
     /// its last one.
     fn release(&mut self, id: u32) {
+        debug_assert!(self.blocks[id as usize].is_some(), "a kept block");
         if let Some(kept) = &mut self.blocks[id as usize] {
             kept.live -= 1;
             if kept.live == 0 {
@@ -196,9 +198,27 @@ impl<M: Model> Identities<M> {
     /// changes the map.
     #[inline]
     fn index(&mut self) {
+        self.debug_assert_not_gathering();
+        self.index_for_gathering();
+    }
+
+    /// [`index`](Self::index), for the one caller that may run while a
+    /// join gathers a block.
+    #[inline]
+    fn index_for_gathering(&mut self) {
         if !self.unindexed.is_empty() {
             self.index_unindexed();
         }
+    }
+
+    /// Slots name a place without a block only while a join gathers one,
+    /// and nothing but the join may use the map meanwhile.
+    #[inline]
+    fn debug_assert_not_gathering(&self) {
+        debug_assert!(
+            self.gathering.is_none(),
+            "the identity map is used while a join gathers a block"
+        );
     }
 
     #[cold]
@@ -248,7 +268,7 @@ impl<M: Model> Identities<M> {
         key: M::PrimaryKey,
         gather: impl FnOnce() -> Result<()>,
     ) -> Result<Gathered<M>> {
-        self.index();
+        self.index_for_gathering();
         let Identities {
             slots, kept, gathering, ..
         } = self;
@@ -354,6 +374,7 @@ impl<M: Model> Identities<M> {
     /// caller guarantees that no key repeats within the block or is in the
     /// map already.
     pub(crate) fn insert_unindexed(&mut self, keys: impl Iterator<Item = M::PrimaryKey>, block: Block<M>) {
+        self.debug_assert_not_gathering();
         let len = block.len();
         let before = self.unindexed_keys.len();
         self.unindexed_keys.extend(keys);
@@ -370,6 +391,7 @@ impl<M: Model> Identities<M> {
 
     /// Every entry, with a handle to its object.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Tracked<M>)> + '_ {
+        self.debug_assert_not_gathering();
         let slots = self.unindexed.iter().flat_map(move |&block| {
             let len = self.kept.block_at(block).len() as u32;
             (0..len).map(move |index| Slot { block, index })
