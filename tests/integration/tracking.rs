@@ -606,3 +606,92 @@ async fn inserted_objects_are_found_however_they_enter_the_identity_map() {
     }
     assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 500);
 }
+
+/// A model that counts its dropped values, for the test below alone.
+mod threaded {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub ThreadedBase);
+
+    pub static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "threaded_rows", base = ThreadedBase)]
+    pub struct ThreadedRow {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+    }
+
+    impl Drop for ThreadedRow {
+        fn drop(&mut self) {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Handles of one load, sent to other threads that read, clone and drop
+/// them while the session closes: every object reads as its row, and each
+/// block's values are freed once, when its last handle goes, wherever that
+/// is.
+#[tokio::test]
+async fn handles_dropped_on_other_threads_free_each_object_once() {
+    use std::sync::atomic::Ordering;
+    use threaded::{ThreadedRow, DROPPED};
+
+    let db = test_db().await;
+    db.execute(
+        "CREATE TABLE threaded_rows (id bigint PRIMARY KEY, name text NOT NULL); \
+         INSERT INTO threaded_rows SELECT i, 'row ' || i FROM generate_series(1, 300) AS i",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let rows = session
+        .query::<ThreadedRow>()
+        .order_by(ThreadedRow::id)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 300);
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 0, "nothing freed while held");
+
+    // Interleaved, so that every block has handles on every thread.
+    let mut shares: Vec<Vec<Tracked<ThreadedRow>>> = vec![Vec::new(); 4];
+    for (i, row) in rows.into_iter().enumerate() {
+        shares[i % 4].push(row);
+    }
+    let threads: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    for row in &share {
+                        let copy = row.clone();
+                        let value = copy.read();
+                        assert_eq!(value.name, format!("row {}", value.id));
+                    }
+                }
+                share
+            })
+        })
+        .collect();
+    session.close().await.unwrap();
+    let returned: Vec<Vec<Tracked<ThreadedRow>>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(returned
+        .iter()
+        .flatten()
+        .all(|row| row.status() == ObjectStatus::Detached));
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 0, "the handles still hold every block");
+
+    // The last handles go on other threads again.
+    let droppers: Vec<_> = returned
+        .into_iter()
+        .map(|share| std::thread::spawn(move || drop(share)))
+        .collect();
+    for dropper in droppers {
+        dropper.join().unwrap();
+    }
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 300, "each value freed exactly once");
+}
