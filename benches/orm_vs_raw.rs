@@ -442,6 +442,68 @@ impl Bench {
     /// Users with their posts, by one LEFT JOIN (SQLAlchemy's joined eager
     /// loading), grouped into each user's list of posts. Expects the data
     /// `medium_query` leaves: 1,000 users with 10 posts each.
+    /// Posts with their authors, by one JOIN from the child side: each row
+    /// a post and its user, users repeating on many rows. Expects the data
+    /// `medium_query` leaves (posts spread over 1,000 users). The raw side
+    /// decodes both on every row, as a hand-written loop would.
+    async fn posts_with_authors(&mut self, posts: i64) {
+        let statement = self
+            .prepare(
+                "SELECT p.id, p.user_id, p.title, p.score, u.id, u.name, u.email, u.age \
+                 FROM posts p JOIN users u ON u.id = p.user_id \
+                 WHERE p.id <= $1 ORDER BY p.id ASC",
+            )
+            .await;
+        let (sessions, engine) = (&self.readers, &self.engine);
+        let (orm, raw) = compare(
+            &self.config,
+            || async {},
+            || async {
+                timed(async {
+                    let mut session = sessions.session();
+                    let rows = session
+                        .query::<Post>()
+                        .join::<User>()
+                        .filter(Post::id.le(posts))
+                        .order_by(Post::id)
+                        .all()
+                        .await
+                        .unwrap();
+                    assert_eq!(rows.len(), posts as usize);
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            || async {
+                let conn = engine.connect().await.unwrap();
+                let raw = conn.client();
+                timed(async {
+                    let stream = raw.query_raw(&statement, [posts]).await.unwrap();
+                    let mut stream = pin!(stream);
+                    let mut loaded: Vec<(Post, User)> = Vec::new();
+                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                        let user = User {
+                            id: row.get(4),
+                            name: row.get(5),
+                            email: row.get(6),
+                            age: row.get(7),
+                        };
+                        loaded.push((post_from_row_at(&row, 0), user));
+                    }
+                    assert_eq!(loaded.len(), posts as usize);
+                })
+                .await
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("{posts} posts with their authors (JOIN from the child side)"),
+            orm,
+            raw,
+            "users repeat across rows; raw decodes both on every row",
+        );
+    }
+
     async fn users_with_posts(&mut self, users: i64) {
         let statement = self
             .prepare(
@@ -895,6 +957,7 @@ async fn main() {
     if wants(&bench, "join") {
         bench.medium_query().await;
         bench.users_with_posts(scale(100, 10) as i64).await;
+        bench.posts_with_authors(scale(1_000, 10) as i64).await;
     }
     if wants(&bench, "insert") {
         for rows in [1, 100, scale(10_000, 1_000)] {
