@@ -154,10 +154,27 @@ pub(crate) struct Identities<M: Model> {
     /// key among them repeats, nor is any in `slots`.
     unindexed_keys: Vec<M::PrimaryKey>,
     kept: KeptBlocks<M>,
-    /// The block a join is gathering its new objects into: its reserved
-    /// place in `kept`, and how many objects it will hold. Slots of these
-    /// objects name the place before the block exists.
-    gathering: Option<(u32, u32)>,
+    /// The block a join is gathering its new objects into.
+    gathering: Option<Gathering<M>>,
+}
+
+/// A block a join gathers: how many objects it will hold, and either their
+/// keys, not hashed yet, or the place reserved for it in `kept`, which the
+/// slots of its objects name before the block exists.
+struct Gathering<M: Model> {
+    len: u32,
+    keys: Vec<M::PrimaryKey>,
+    place: Option<u32>,
+}
+
+impl<M: Model> Default for Gathering<M> {
+    fn default() -> Self {
+        Gathering {
+            len: 0,
+            keys: Vec::new(),
+            place: None,
+        }
+    }
 }
 
 /// What the identity map has for a key a join brings.
@@ -263,11 +280,29 @@ impl<M: Model> Identities<M> {
     /// gathered; for a key new to the map, `gather` holds the object's value
     /// back (to be tracked at that place) and the key goes in the map, named
     /// for that place, unless `gather` fails.
+    ///
+    /// While nothing is hashed, a key above every key held is new without
+    /// a probe: a join whose rows bring a model in key order (its left side,
+    /// ordered by the key) gathers it unindexed, as a load in key order
+    /// does. Any other key hashes what came before first.
     pub(crate) fn get_or_gather(
         &mut self,
         key: M::PrimaryKey,
         gather: impl FnOnce() -> Result<()>,
     ) -> Result<Gathered<M>> {
+        let gathering_keys = self.gathering.as_ref().map(|gathering| &gathering.keys);
+        let last = gathering_keys
+            .and_then(|keys| keys.last())
+            .or_else(|| self.unindexed_keys.last());
+        if self.slots.is_empty() && last.is_none_or(|last| key > *last) {
+            gather()?;
+            let gathering = self.gathering.get_or_insert_with(Gathering::default);
+            let index = gathering.len;
+            gathering.len += 1;
+            gathering.keys.push(key);
+            return Ok(Gathered::Gathering(index));
+        }
+        self.hash_gathering();
         self.index_for_gathering();
         let Identities {
             slots, kept, gathering, ..
@@ -275,30 +310,49 @@ impl<M: Model> Identities<M> {
         match slots.entry(key) {
             Entry::Occupied(entry) => {
                 let slot = *entry.get();
-                Ok(match *gathering {
-                    Some((id, _)) if id == slot.block => Gathered::Gathering(slot.index),
+                Ok(match gathering.as_ref().and_then(|gathering| gathering.place) {
+                    Some(place) if place == slot.block => Gathered::Gathering(slot.index),
                     _ => Gathered::Held(kept.handle(slot)),
                 })
             }
             Entry::Vacant(entry) => {
                 gather()?;
-                let (id, len) = gathering.get_or_insert_with(|| (kept.reserve(), 0));
-                let index = *len;
-                *len += 1;
-                entry.insert(Slot { block: *id, index });
+                let gathering = gathering.get_or_insert_with(Gathering::default);
+                let place = *gathering.place.get_or_insert_with(|| kept.reserve());
+                let index = gathering.len;
+                gathering.len += 1;
+                entry.insert(Slot { block: place, index });
                 Ok(Gathered::Gathering(index))
             }
         }
     }
 
+    /// Hashes the keys of the block being gathered, naming for each the
+    /// place reserved for the block.
+    fn hash_gathering(&mut self) {
+        let Some(gathering) = &mut self.gathering else { return };
+        if gathering.keys.is_empty() {
+            return;
+        }
+        let place = *gathering.place.get_or_insert_with(|| self.kept.reserve());
+        self.slots.reserve(gathering.keys.len());
+        for (index, key) in (0..).zip(gathering.keys.drain(..)) {
+            self.slots.insert(key, Slot { block: place, index });
+        }
+    }
+
     /// Keeps the gathered block, made from the values `get_or_gather` held
-    /// back, in order, at the place its objects' slots name.
+    /// back, in order: unindexed if its keys were never hashed, else at the
+    /// place its objects' slots name.
     pub(crate) fn finish_gathering(&mut self, block: Block<M>) {
-        let Some((id, len)) = self.gathering.take() else {
+        let Some(gathering) = self.gathering.take() else {
             unreachable!("a block is being gathered")
         };
-        debug_assert_eq!(block.len(), len as usize);
-        self.kept.fill(id, block, len);
+        debug_assert_eq!(block.len(), gathering.len as usize);
+        match gathering.place {
+            Some(place) => self.kept.fill(place, block, gathering.len),
+            None => self.insert_unindexed(gathering.keys.into_iter(), block),
+        }
     }
 
     /// Whether `object` is the map's object for `key`.

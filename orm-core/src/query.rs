@@ -12,7 +12,7 @@ use crate::identity::Gathered;
 use crate::model::{Model, TableDef};
 use crate::session::{put_unit, take_unit, unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
-use crate::tracked::{Tracked, MAX_BLOCK};
+use crate::tracked::{Block, Tracked, MAX_BLOCK};
 use crate::types::ColumnType;
 use crate::unit::{FreshRows, TableState};
 
@@ -90,6 +90,43 @@ pub trait Selection: 'static {
     /// Decodes this selection's columns from `offset` on, untracked.
     #[doc(hidden)]
     fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
+    /// What [`gather_at`](Self::gather_at) holds back: a model's new
+    /// objects' values, to be tracked a block at a time.
+    #[doc(hidden)]
+    type Gathered: Default + Send;
+    /// The block made of what was held back.
+    #[doc(hidden)]
+    type GatheredBlock: Send;
+    /// Like [`merge_at`](Self::merge_at), but a model's new object has its
+    /// value held back in `gathered` and its place in the block to come
+    /// returned (a pair of models merges at once).
+    #[doc(hidden)]
+    fn gather_at(
+        units: &mut SessionUnits<'_>,
+        gathered: &mut Self::Gathered,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Self::Output>>;
+    /// How many values `gathered` holds.
+    #[doc(hidden)]
+    fn gathered_len(gathered: &Self::Gathered) -> usize;
+    /// Tracks what `gathered` holds in one block, at the place its keys
+    /// name; none if it holds nothing.
+    #[doc(hidden)]
+    fn finish_gathering(units: &mut SessionUnits<'_>, gathered: &mut Self::Gathered) -> Option<Self::GatheredBlock>;
+    /// What a row yields for the object at `index` of a gathered block.
+    #[doc(hidden)]
+    fn gathered_output(block: &Self::GatheredBlock, index: u32) -> Self::Output;
+}
+
+/// A block of objects a join gathered, for [`Selection`].
+#[doc(hidden)]
+pub struct GatheredBlock<M>(Block<M>);
+
+impl<M: Model> std::fmt::Debug for GatheredBlock<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatheredBlock").field("table", &M::TABLE.name).finish()
+    }
 }
 
 /// The session's units of work, lent to a [`Selection`] while it loads.
@@ -202,6 +239,37 @@ impl<M: Model> Selection for M {
     #[inline]
     fn decode_at(row: &Row, offset: usize) -> Result<M> {
         M::from_row_at(row, offset)
+    }
+
+    type Gathered = Vec<M>;
+    type GatheredBlock = GatheredBlock<M>;
+
+    #[inline]
+    fn gather_at(
+        units: &mut SessionUnits<'_>,
+        gathered: &mut Vec<M>,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Tracked<M>>> {
+        Ok(match unit_of::<M>(units.0).gather_row(gathered, row, offset)? {
+            Gathered::Held(object) => Pending::Ready(object),
+            Gathered::Gathering(index) => Pending::Gathering(index),
+        })
+    }
+
+    fn gathered_len(gathered: &Vec<M>) -> usize {
+        gathered.len()
+    }
+
+    fn finish_gathering(units: &mut SessionUnits<'_>, gathered: &mut Vec<M>) -> Option<GatheredBlock<M>> {
+        if gathered.is_empty() {
+            return None;
+        }
+        unit_of::<M>(units.0).finish_gathering(gathered).map(GatheredBlock)
+    }
+
+    fn gathered_output(block: &GatheredBlock<M>, index: u32) -> Tracked<M> {
+        Tracked::in_block(&block.0, index)
     }
 }
 
@@ -364,19 +432,24 @@ pub struct JoinMerger<'u, S: Selection, J: Joined> {
     /// column as a length (or `u32::MAX` for NULL) and its bytes.
     key: Vec<u8>,
     last_key: Vec<u8>,
-    last: Option<S::Output>,
-    /// Values of the joined model's new objects, held back to be tracked a
-    /// block at a time (one allocation for many, as a plain load does).
+    last: Option<Pending<S::Output>>,
+    /// Values of new objects, of the left side (if a model) and of the
+    /// joined model, held back to be tracked a block at a time (one
+    /// allocation for many, as a plain load does).
+    gathered_left: S::Gathered,
     gathered: Vec<J::Model>,
     /// Rows from the first that needs a held-back object on, in order,
-    /// until their block is made.
-    pending: Vec<(S::Output, Pending<J::Output>)>,
+    /// until their blocks are made.
+    pending: Vec<PendingRow<S, J>>,
 }
+
+/// A join's row waiting for the blocks its objects go in.
+type PendingRow<S, J> = (Pending<<S as Selection>::Output>, Pending<<J as Joined>::Output>);
 
 /// What a join's row yields for its joined model, before the block of new
 /// objects it may need is made.
 #[doc(hidden)]
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Pending<O> {
     /// The output itself: an object the session held, or none.
     Ready(O),
@@ -396,9 +469,10 @@ impl<M: Model> std::fmt::Debug for JoinedState<M> {
 
 impl<S: Selection, J: Joined> Drop for JoinMerger<'_, S, J> {
     fn drop(&mut self) {
+        // A load cut short still tracks what it gathered: the identity maps
+        // already name those objects' places.
+        S::finish_gathering(&mut self.units, &mut self.gathered_left);
         if let Some(JoinedState(mut state)) = self.right.take() {
-            // A load cut short still tracks what it gathered: the identity
-            // map already names those objects' places.
             state.finish_gathering(&mut self.gathered);
             put_unit(self.units.0, state);
         }
@@ -417,22 +491,33 @@ impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
     /// Tracks the gathered objects in one block and appends the pending
     /// rows, in order.
     fn flush(&mut self, out: &mut Vec<(S::Output, J::Output)>) {
+        let left_block = S::finish_gathering(&mut self.units, &mut self.gathered_left);
         let block = match &mut self.right {
             Some(state) => state.0.finish_gathering(&mut self.gathered),
             None => unreachable!("the joined model's state is held until the merger goes"),
         };
+        let left_of = |left: Pending<S::Output>| match (left, &left_block) {
+            (Pending::Ready(left), _) => left,
+            (Pending::Gathering(index), Some(block)) => S::gathered_output(block, index),
+            (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
+        };
+        // The row before's left side names a place in the block just made:
+        // a row that repeats it takes the object itself from now on.
+        if let Some(last) = self.last.take() {
+            self.last = Some(Pending::Ready(left_of(last)));
+        }
         out.extend(self.pending.drain(..).map(|(left, right)| {
             let right = match (right, &block) {
                 (Pending::Ready(right), _) => right,
                 (Pending::Gathering(index), Some(block)) => J::gathered(Tracked::in_block(block, index)),
                 (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
             };
-            (left, right)
+            (left_of(left), right)
         }));
     }
 
     /// The left side of `row`: the row before's if its keys are the same.
-    fn left(&mut self, row: &Row) -> Result<S::Output> {
+    fn left(&mut self, row: &Row) -> Result<Pending<S::Output>> {
         self.key.clear();
         for &column in &self.key_columns {
             let RawValue(raw) = row.try_get(column).map_err(Error::from_driver)?;
@@ -452,7 +537,7 @@ impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
                 return Ok(last.clone());
             }
         }
-        let left = S::merge_at(&mut self.units, row, 0)?;
+        let left = S::gather_at(&mut self.units, &mut self.gathered_left, row, 0)?;
         std::mem::swap(&mut self.key, &mut self.last_key);
         self.last = Some(left.clone());
         Ok(left)
@@ -493,6 +578,7 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
             key: Vec::new(),
             last_key: Vec::new(),
             last: None,
+            gathered_left: S::Gathered::default(),
             gathered: Vec::new(),
             pending: Vec::new(),
         }
@@ -505,12 +591,12 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
             Some(state) => J::gather_into(state, &mut merger.gathered, row, S::width())?,
             None => unreachable!("the joined model's state is held until the merger goes"),
         };
-        match right {
+        match (left, right) {
             // Nothing waits for a block: the row goes out as it is.
-            Pending::Ready(right) if merger.pending.is_empty() => out.push((left, right)),
-            right => {
-                merger.pending.push((left, right));
-                if merger.gathered.len() == MAX_BLOCK {
+            (Pending::Ready(left), Pending::Ready(right)) if merger.pending.is_empty() => out.push((left, right)),
+            row => {
+                merger.pending.push(row);
+                if merger.gathered.len() == MAX_BLOCK || S::gathered_len(&merger.gathered_left) == MAX_BLOCK {
                     merger.flush(out);
                 }
             }
@@ -527,6 +613,28 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
         let left = S::merge_at(units, row, offset)?;
         let right = J::merge_at(units, row, offset + S::width())?;
         Ok((left, right))
+    }
+
+    // A pair on the left of another join merges at once: only a model
+    // gathers.
+    type Gathered = ();
+    type GatheredBlock = ();
+
+    #[inline]
+    fn gather_at(units: &mut SessionUnits<'_>, (): &mut (), row: &Row, offset: usize) -> Result<Pending<Self::Output>> {
+        Ok(Pending::Ready(Self::merge_at(units, row, offset)?))
+    }
+
+    fn gathered_len((): &()) -> usize {
+        0
+    }
+
+    fn finish_gathering(_: &mut SessionUnits<'_>, (): &mut ()) -> Option<()> {
+        None
+    }
+
+    fn gathered_output((): &(), _: u32) -> Self::Output {
+        unreachable!("a pair gathers nothing")
     }
 
     #[inline]

@@ -488,6 +488,17 @@ async fn many_posts() -> crate::common::TestDb {
     db
 }
 
+/// Every post with its `J`s, by a join from the posts' side, in post order.
+async fn posts_joined_to<J: Model>(session: &mut Session) -> Vec<(Tracked<Post>, Tracked<J>)> {
+    session
+        .query::<Post>()
+        .join::<J>()
+        .order_by(Post::id)
+        .all()
+        .await
+        .unwrap()
+}
+
 /// A join holds its joined model's new objects back and tracks them 64 at a
 /// time: rows still come out in order, each with its own row's object,
 /// objects the session held before the join among them, and one object per
@@ -538,20 +549,58 @@ async fn a_join_tracks_new_joined_objects_in_blocks_and_keeps_row_order() {
 
     // From the child side, in a fresh session, each user comes back on
     // every one of its rows: repeated within the first block, and in later
-    // blocks after it was made.
+    // blocks after it was made. The posts, on the left, are gathered in
+    // blocks too; one of them was held before the join.
     let mut session = sessionmaker(&db.engine).session();
-    let rows = session
-        .query::<Post>()
-        .join::<User>()
-        .order_by(Post::id)
-        .all()
-        .await
-        .unwrap();
+    let held = session.get::<Post>(70).await.unwrap().unwrap();
+    let rows = posts_joined_to::<User>(&mut session).await;
     assert_eq!(rows.len(), 150);
     for (i, (post, user)) in rows.iter().enumerate() {
         assert_eq!(post.read().id as usize, i + 1);
+        assert_eq!(post.read().title, format!("post {}", i + 1));
         assert!(user.ptr_eq(&rows[i % 3].1), "row {i}");
     }
+    assert!(rows[69].0.ptr_eq(&held));
+    let echo = EchoCapture::start();
+    for (post, _) in &rows {
+        let id = post.read().id;
+        assert!(session.get::<Post>(id).await.unwrap().unwrap().ptr_eq(post));
+    }
+    assert!(echo.take().is_empty(), "every post is in the identity map");
+    // A left side repeated on consecutive rows (a post with three comments)
+    // is one object, whether its block was made before the repeat or not:
+    // the 64th comment, the first of post 22, fills a block between two of
+    // that post's rows.
+    db.execute(
+        "INSERT INTO comments (post_id, user_id, body) \
+         SELECT p, 1, 'comment ' || c FROM generate_series(1, 150) AS p, generate_series(1, 3) AS c",
+    )
+    .await;
+    let commented = posts_joined_to::<Comment>(&mut session).await;
+    assert_eq!(commented.len(), 450);
+    for (i, (post, _)) in commented.iter().enumerate() {
+        assert!(post.ptr_eq(&rows[i / 3].0), "row {i}");
+    }
+    let mut fresh_session = sessionmaker(&db.engine).session();
+    let fresh = posts_joined_to::<Comment>(&mut fresh_session).await;
+    for (i, (post, comment)) in fresh.iter().enumerate() {
+        assert!(post.ptr_eq(&fresh[i - i % 3].0), "row {i}");
+        assert_eq!(comment.read().post_id, post.read().id);
+    }
+    // In a fresh session the posts come in key order and are gathered
+    // without hashing; a lookup then finds each.
+    let echo = EchoCapture::start();
+    for (post, comment) in fresh.iter().step_by(7) {
+        let (post_id, comment_id) = (post.read().id, comment.read().id);
+        assert!(fresh_session.get::<Post>(post_id).await.unwrap().unwrap().ptr_eq(post));
+        assert!(fresh_session
+            .get::<Comment>(comment_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .ptr_eq(comment));
+    }
+    assert!(echo.take().is_empty(), "found in the identity maps");
     rows[7].1.write().email = Some("patrick@example.com".to_owned());
     session.commit().await.unwrap();
     assert_eq!(
