@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
-//! `join` (both join workloads), `insert`, `insert_keyed`, `update`.
+//! `join` (the three join workloads), `insert`, `insert_keyed`, `update`.
 //!
 //! The raw side uses statements prepared once, on the same pooled connection
 //! the ORM's sessions use (a pool of one), so that both talk to the same

@@ -279,7 +279,8 @@ impl<M: Model> Identities<M> {
     /// The map's object for `key`, or its place in the block being
     /// gathered; for a key new to the map, `gather` holds the object's value
     /// back (to be tracked at that place) and the key goes in the map, named
-    /// for that place, unless `gather` fails.
+    /// for that place (or waits beside the block, unhashed: see below),
+    /// unless `gather` fails.
     ///
     /// While nothing is hashed, a key above every key held is new without
     /// a probe: a join whose rows bring a model in key order (its left side,
