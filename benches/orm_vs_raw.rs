@@ -75,11 +75,16 @@ struct KeyedUser {
 }
 
 fn user_from_row(row: &Row) -> User {
+    user_from_row_at(row, 0)
+}
+
+/// A user whose columns start at `offset` (after a post's, in a join).
+fn user_from_row_at(row: &Row, offset: usize) -> User {
     User {
-        id: row.get(0),
-        name: row.get(1),
-        email: row.get(2),
-        age: row.get(3),
+        id: row.get(offset),
+        name: row.get(offset + 1),
+        email: row.get(offset + 2),
+        age: row.get(offset + 3),
     }
 }
 
@@ -482,13 +487,7 @@ impl Bench {
                     let mut stream = pin!(stream);
                     let mut loaded: Vec<(Post, User)> = Vec::new();
                     while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
-                        let user = User {
-                            id: row.get(4),
-                            name: row.get(5),
-                            email: row.get(6),
-                            age: row.get(7),
-                        };
-                        loaded.push((post_from_row_at(&row, 0), user));
+                        loaded.push((post_from_row_at(&row, 0), user_from_row_at(&row, 4)));
                     }
                     assert_eq!(loaded.len(), posts as usize);
                 })

@@ -1,11 +1,12 @@
 //! The identity map: one object per primary key.
 
-use crate::counted::Counted;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
+use crate::counted::Counted;
 use crate::error::Result;
 use crate::model::Model;
+use crate::query::Pending;
 use crate::tracked::{Block, Tracked};
 
 /// Where an object lives: its block among those the map keeps, and its
@@ -52,18 +53,8 @@ impl<M> KeptBlocks<M> {
 
     /// Keeps `block`, holding `live` of its objects, and returns its place.
     fn keep(&mut self, block: Block<M>, live: u32) -> u32 {
-        let kept = Some(Kept { block, live });
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.blocks[id as usize] = kept;
-                id
-            }
-            None => {
-                self.blocks.push(kept);
-                u32::try_from(self.blocks.len() - 1).unwrap_or_else(|_| unreachable!("2^32 blocks"))
-            }
-        };
-        self.last = Some(id);
+        let id = self.reserve();
+        self.fill(id, block, live);
         id
     }
 
@@ -177,15 +168,6 @@ impl<M: Model> Default for Gathering<M> {
     }
 }
 
-/// What the identity map has for a key a join brings.
-pub(crate) enum Gathered<M> {
-    /// The map's object.
-    Held(Tracked<M>),
-    /// The object at this place in the block being gathered, new in this
-    /// load.
-    Gathering(u32),
-}
-
 impl<M: Model> Default for Identities<M> {
     fn default() -> Self {
         Identities {
@@ -290,7 +272,7 @@ impl<M: Model> Identities<M> {
         &mut self,
         key: M::PrimaryKey,
         gather: impl FnOnce() -> Result<()>,
-    ) -> Result<Gathered<M>> {
+    ) -> Result<Pending<Tracked<M>>> {
         let gathering_keys = self.gathering.as_ref().map(|gathering| &gathering.keys);
         let last = gathering_keys
             .and_then(|keys| keys.last())
@@ -301,7 +283,7 @@ impl<M: Model> Identities<M> {
             let index = gathering.len;
             gathering.len += 1;
             gathering.keys.push(key);
-            return Ok(Gathered::Gathering(index));
+            return Ok(Pending::Gathering(index));
         }
         self.hash_gathering();
         self.index_for_gathering();
@@ -312,8 +294,8 @@ impl<M: Model> Identities<M> {
             Entry::Occupied(entry) => {
                 let slot = *entry.get();
                 Ok(match gathering.as_ref().and_then(|gathering| gathering.place) {
-                    Some(place) if place == slot.block => Gathered::Gathering(slot.index),
-                    _ => Gathered::Held(kept.handle(slot)),
+                    Some(place) if place == slot.block => Pending::Gathering(slot.index),
+                    _ => Pending::Ready(kept.handle(slot)),
                 })
             }
             Entry::Vacant(entry) => {
@@ -323,7 +305,7 @@ impl<M: Model> Identities<M> {
                 let index = gathering.len;
                 gathering.len += 1;
                 entry.insert(Slot { block: place, index });
-                Ok(Gathered::Gathering(index))
+                Ok(Pending::Gathering(index))
             }
         }
     }

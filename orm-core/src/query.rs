@@ -8,7 +8,6 @@ use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
-use crate::identity::Gathered;
 use crate::model::{Model, TableDef};
 use crate::session::{put_unit, take_unit, unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
@@ -251,10 +250,7 @@ impl<M: Model> Selection for M {
         row: &Row,
         offset: usize,
     ) -> Result<Pending<Tracked<M>>> {
-        Ok(match unit_of::<M>(units.0).gather_row(gathered, row, offset)? {
-            Gathered::Held(object) => Pending::Ready(object),
-            Gathered::Gathering(index) => Pending::Gathering(index),
-        })
+        unit_of::<M>(units.0).gather_row(gathered, row, offset)
     }
 
     fn gathered_len(gathered: &Vec<M>) -> usize {
@@ -263,6 +259,8 @@ impl<M: Model> Selection for M {
 
     fn finish_gathering(units: &mut SessionUnits<'_>, gathered: &mut Vec<M>) -> Option<GatheredBlock<M>> {
         if gathered.is_empty() {
+            // Not even finding the model's state (creating it, for a load
+            // that met no row).
             return None;
         }
         unit_of::<M>(units.0).finish_gathering(gathered).map(GatheredBlock)
@@ -320,10 +318,7 @@ impl<B: Model> Joined for B {
         row: &Row,
         offset: usize,
     ) -> Result<Pending<Tracked<B>>> {
-        Ok(match state.0.gather_row(gathered, row, offset)? {
-            Gathered::Held(object) => Pending::Ready(object),
-            Gathered::Gathering(index) => Pending::Gathering(index),
-        })
+        state.0.gather_row(gathered, row, offset)
     }
 
     fn gathered(object: Tracked<B>) -> Tracked<B> {
@@ -394,10 +389,7 @@ impl<B: Model> Joined for Option<B> {
         if !left_matched::<B>(row, offset)? {
             return Ok(Pending::Ready(None));
         }
-        Ok(match state.0.gather_row(gathered, row, offset)? {
-            Gathered::Held(object) => Pending::Ready(Some(object)),
-            Gathered::Gathering(index) => Pending::Gathering(index),
-        })
+        Ok(state.0.gather_row(gathered, row, offset)?.map(Some))
     }
 
     fn gathered(object: Tracked<B>) -> Option<Tracked<B>> {
@@ -446,7 +438,7 @@ pub struct JoinMerger<'u, S: Selection, J: Joined> {
 /// A join's row waiting for the blocks its objects go in.
 type PendingRow<S, J> = (Pending<<S as Selection>::Output>, Pending<<J as Joined>::Output>);
 
-/// What a join's row yields for its joined model, before the block of new
+/// What a join's row yields for one of its models, before the block of new
 /// objects it may need is made.
 #[doc(hidden)]
 #[derive(Clone, Debug)]
@@ -455,6 +447,25 @@ pub enum Pending<O> {
     Ready(O),
     /// The object at this place in the block being gathered.
     Gathering(u32),
+}
+
+impl<O> Pending<O> {
+    fn map<P>(self, f: impl FnOnce(O) -> P) -> Pending<P> {
+        match self {
+            Pending::Ready(output) => Pending::Ready(f(output)),
+            Pending::Gathering(index) => Pending::Gathering(index),
+        }
+    }
+
+    /// The output, taking the object at a gathered place from `block`, the
+    /// block made of what was gathered.
+    fn resolve<B>(self, block: Option<&B>, object_at: impl FnOnce(&B, u32) -> O) -> O {
+        match (self, block) {
+            (Pending::Ready(output), _) => output,
+            (Pending::Gathering(index), Some(block)) => object_at(block, index),
+            (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
+        }
+    }
 }
 
 /// One model's state, held by a join's merger while it loads.
@@ -496,22 +507,16 @@ impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
             Some(state) => state.0.finish_gathering(&mut self.gathered),
             None => unreachable!("the joined model's state is held until the merger goes"),
         };
-        let left_of = |left: Pending<S::Output>| match (left, &left_block) {
-            (Pending::Ready(left), _) => left,
-            (Pending::Gathering(index), Some(block)) => S::gathered_output(block, index),
-            (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
-        };
+        let left_of = |left: Pending<S::Output>| left.resolve(left_block.as_ref(), S::gathered_output);
         // The row before's left side names a place in the block just made:
         // a row that repeats it takes the object itself from now on.
         if let Some(last) = self.last.take() {
             self.last = Some(Pending::Ready(left_of(last)));
         }
         out.extend(self.pending.drain(..).map(|(left, right)| {
-            let right = match (right, &block) {
-                (Pending::Ready(right), _) => right,
-                (Pending::Gathering(index), Some(block)) => J::gathered(Tracked::in_block(block, index)),
-                (Pending::Gathering(_), None) => unreachable!("a gathered object has its block"),
-            };
+            let right = right.resolve(block.as_ref(), |block, index| {
+                J::gathered(Tracked::in_block(block, index))
+            });
             (left_of(left), right)
         }));
     }

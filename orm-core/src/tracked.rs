@@ -191,8 +191,8 @@ impl<M> Data<M> {
 }
 
 impl<M> Shared<M> {
-    // Always inlined, so that a block's objects are written in place as the
-    // held-back values are moved in.
+    // Always inlined: moving the held-back values into a block then took
+    // fewer copies through the stack, and measured a little faster.
     #[inline(always)]
     fn new(value: M, status: ObjectStatus, fresh_at: u64) -> Self {
         Shared {

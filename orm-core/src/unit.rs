@@ -14,8 +14,9 @@ use tokio_postgres::Row;
 
 use crate::engine::Executor;
 use crate::error::{Error, Result};
-use crate::identity::{Gathered, Identities};
+use crate::identity::Identities;
 use crate::model::{Model, TableDef};
+use crate::query::Pending;
 use crate::sql::{
     BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
@@ -149,17 +150,22 @@ impl<M: Model> TableState<M> {
     /// object in the block being gathered, its value held back in
     /// `gathered`. Only the key is decoded when the session's object needs
     /// nothing from the row.
-    pub(crate) fn gather_row(&mut self, gathered: &mut Vec<M>, row: &Row, offset: usize) -> Result<Gathered<M>> {
+    pub(crate) fn gather_row(
+        &mut self,
+        gathered: &mut Vec<M>,
+        row: &Row,
+        offset: usize,
+    ) -> Result<Pending<Tracked<M>>> {
         let key = M::primary_key_at(row, offset)?;
         if let Some(deleted) = self.deleted_object(&key) {
-            return Ok(Gathered::Held(merge_known(deleted, row, offset)?));
+            return Ok(Pending::Ready(merge_known(deleted, row, offset)?));
         }
         let found = self.identity.get_or_gather(key, || {
             gathered.push(M::from_row_at(row, offset)?);
             Ok(())
         })?;
         match found {
-            Gathered::Held(known) => Ok(Gathered::Held(merge_known(known, row, offset)?)),
+            Pending::Ready(known) => Ok(Pending::Ready(merge_known(known, row, offset)?)),
             gathering => Ok(gathering),
         }
     }
