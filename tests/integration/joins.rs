@@ -609,18 +609,18 @@ async fn a_join_tracks_new_joined_objects_in_blocks_and_keeps_row_order() {
     );
 }
 
-/// The joined model, read from a view whose rows stall halfway: a load
-/// given up while waiting for them has objects held back for a block.
-mod stalling {
+/// Posts read through a view, `view_posts`, which each test defines as
+/// it needs (to stall the server, to hide a title).
+mod views {
     use orm::prelude::*;
 
     use crate::models::User;
 
-    orm::declarative_base!(pub StallBase);
+    orm::declarative_base!(pub ViewBase);
 
     #[derive(Model, Debug, Clone)]
-    #[orm(table = "stalling_posts", base = StallBase)]
-    pub struct StallingPost {
+    #[orm(table = "view_posts", base = ViewBase)]
+    pub struct ViewPost {
         #[orm(primary_key)]
         pub id: i32,
         #[orm(foreign_key = User::id)]
@@ -634,19 +634,19 @@ mod stalling {
 /// already holds, and the session goes on after a rollback.
 #[tokio::test]
 async fn a_join_given_up_mid_rows_leaves_a_session_that_rolls_back_and_goes_on() {
-    use stalling::StallingPost;
+    use views::ViewPost;
 
     let db = many_posts().await;
     // Rows wide enough that the server sends the first ones before it
     // stalls on post 120 for two seconds.
     db.execute(
-        "CREATE VIEW stalling_posts AS SELECT id, user_id, \
+        "CREATE VIEW view_posts AS SELECT id, user_id, \
          CASE WHEN id = 120 THEN (SELECT repeat('x', 500) FROM pg_sleep(2)) ELSE repeat('x', 500) END AS title \
          FROM posts; ANALYZE posts",
     )
     .await;
     let mut session = sessionmaker(&db.engine).session();
-    let load = session.query::<StallingPost>().join::<User>().all();
+    let load = session.query::<ViewPost>().join::<User>().all();
     let given_up = tokio::time::timeout(std::time::Duration::from_millis(700), load).await;
     assert!(given_up.is_err(), "the load waits on the stalled row");
 
@@ -660,4 +660,45 @@ async fn a_join_given_up_mid_rows_leaves_a_session_that_rolls_back_and_goes_on()
     session.rollback().await.unwrap();
     let again = session.query::<User>().order_by(User::id).all().await.unwrap();
     assert_eq!(again.len(), 3);
+}
+
+/// A row that cannot be decoded midway through a join fails the load with
+/// an error naming the column; the objects of the rows before it, held back
+/// for their blocks, are tracked all the same, and found without a query.
+#[tokio::test]
+async fn a_join_failing_on_a_row_names_the_column_and_keeps_the_rows_before() {
+    use views::ViewPost;
+
+    let db = many_posts().await;
+    db.execute(
+        "CREATE VIEW view_posts AS SELECT id, user_id, CASE WHEN id = 100 THEN NULL ELSE title END AS title \
+         FROM posts",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let failed = session
+        .query::<ViewPost>()
+        .join::<User>()
+        .order_by(ViewPost::id)
+        .all()
+        .await;
+    match failed {
+        Err(Error::TypeMismatch { table, column, .. }) => {
+            assert_eq!((table.as_str(), column.as_str()), ("view_posts", "title"));
+        }
+        other => panic!("expected a type mismatch on view_posts.title, got {other:?}"),
+    }
+
+    let echo = EchoCapture::start();
+    for id in [1, 64, 65, 99] {
+        let post = session.get::<ViewPost>(id).await.unwrap().unwrap();
+        assert_eq!(post.read().title, format!("post {id}"));
+    }
+    for id in 1..=3 {
+        assert_eq!(session.get::<User>(id).await.unwrap().unwrap().read().id, id);
+    }
+    assert!(
+        echo.take().is_empty(),
+        "the rows before the failure are in the identity map"
+    );
 }
