@@ -77,20 +77,27 @@ impl<T> Counted<T> {
         this.inner == other.inner
     }
 
-    /// `count` new references, taken with one atomic increment.
+    /// `count` new references, taken with one atomic increment. The
+    /// iterator owns them: it may outlive `self`.
     ///
     /// # Panics
     ///
     /// If `count` is above `u32::MAX`, before taking any.
-    pub(crate) fn clones(&self, count: usize) -> Clones<'_, T> {
+    pub(crate) fn clones(&self, count: usize) -> Clones<T> {
         assert!(
             count <= MAX_CLONES,
             "Counted::clones takes at most u32::MAX references at once"
         );
+        if count == 0 {
+            return Clones { last: None, before: 0 };
+        }
         self.add_refs(count);
         Clones {
-            source: self,
-            remaining: count,
+            last: Some(Counted {
+                inner: self.inner,
+                _owns: PhantomData,
+            }),
+            before: count - 1,
         }
     }
 }
@@ -138,39 +145,45 @@ impl<T> Drop for Counted<T> {
 
 /// References taken ahead by [`Counted::clones`], handed out one by one;
 /// those not handed out are given back when this is dropped.
-pub(crate) struct Clones<'a, T> {
-    source: &'a Counted<T>,
-    remaining: usize,
+pub(crate) struct Clones<T> {
+    /// The reference handed out last. Holding it as a `Counted` keeps the
+    /// value alive for the others, which the iterator counts in `before`.
+    last: Option<Counted<T>>,
+    before: usize,
 }
 
-impl<T> Iterator for Clones<'_, T> {
+impl<T> Iterator for Clones<T> {
     type Item = Counted<T>;
 
     #[inline]
     fn next(&mut self) -> Option<Counted<T>> {
-        if self.remaining == 0 {
-            return None;
+        if self.before == 0 {
+            return self.last.take();
         }
-        self.remaining -= 1;
+        self.before -= 1;
+        let last = self.last.as_ref()?;
         // The reference was counted when this was made.
         Some(Counted {
-            inner: self.source.inner,
+            inner: last.inner,
             _owns: PhantomData,
         })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.remaining, Some(self.remaining))
+        let len = self.before + usize::from(self.last.is_some());
+        (len, Some(len))
     }
 }
 
-impl<T> ExactSizeIterator for Clones<'_, T> {}
+impl<T> ExactSizeIterator for Clones<T> {}
 
-impl<T> Drop for Clones<'_, T> {
+impl<T> Drop for Clones<T> {
     fn drop(&mut self) {
-        if self.remaining > 0 {
-            // `source` still holds a reference, so this never reaches zero.
-            self.source.inner().refs.fetch_sub(self.remaining, Ordering::Release);
+        if let Some(last) = &self.last {
+            if self.before > 0 {
+                // `last` still holds a reference, so this never reaches zero.
+                last.inner().refs.fetch_sub(self.before, Ordering::Release);
+            }
         }
     }
 }
@@ -232,6 +245,26 @@ mod tests {
         drop(clones);
         assert_eq!(refs(&source), 4);
         drop(taken);
+        assert_eq!(refs(&source), 1);
+        drop(source);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn clones_outlive_their_source() {
+        let (source, drops) = probe();
+        let mut clones = source.clones(3);
+        drop(source);
+        let first = clones.next().expect("three were taken");
+        assert_eq!(refs(&first), 3);
+        // The two not handed out keep the value alive until given back.
+        drop(first);
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        drop(clones);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+
+        let (source, drops) = probe();
+        assert_eq!(source.clones(0).len(), 0);
         assert_eq!(refs(&source), 1);
         drop(source);
         assert_eq!(drops.load(Ordering::SeqCst), 1);

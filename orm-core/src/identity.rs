@@ -268,6 +268,7 @@ impl<M: Model> Identities<M> {
     /// a probe: a join whose rows bring a model in key order (its left side,
     /// ordered by the key) gathers it unindexed, as a load in key order
     /// does. Any other key hashes what came before first.
+    #[inline(always)]
     pub(crate) fn get_or_gather(
         &mut self,
         key: M::PrimaryKey,
@@ -285,6 +286,16 @@ impl<M: Model> Identities<M> {
             gathering.keys.push(key);
             return Ok(Pending::Gathering(index));
         }
+        self.get_or_gather_hashed(key, gather)
+    }
+
+    /// [`get_or_gather`](Self::get_or_gather) for a key that needs a probe.
+    #[inline(never)]
+    fn get_or_gather_hashed(
+        &mut self,
+        key: M::PrimaryKey,
+        gather: impl FnOnce() -> Result<()>,
+    ) -> Result<Pending<Tracked<M>>> {
         self.hash_gathering();
         self.index_for_gathering();
         let Identities {

@@ -346,6 +346,13 @@ impl<M> Tracked<M> {
         }
     }
 
+    /// The handle to the object at `index` of the block that `block`, a
+    /// reference already counted (one of [`Counted::clones`]), points to.
+    pub(crate) fn from_counted(block: Block<M>, index: u32) -> Tracked<M> {
+        debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
+        Tracked { block, index }
+    }
+
     /// Whether this is the object at `index` in `block`.
     pub(crate) fn is_in(&self, block: &Block<M>, index: u32) -> bool {
         Counted::ptr_eq(&self.block, block) && self.index == index

@@ -145,18 +145,19 @@ impl<M: Model> TableState<M> {
         }
     }
 
-    /// For a join's joined model: the session's object for the row's key,
+    /// For a model of a join: the session's object for `key`, the row's,
     /// with the row merged into it, or else the place of the row's new
     /// object in the block being gathered, its value held back in
     /// `gathered`. Only the key is decoded when the session's object needs
     /// nothing from the row.
+    #[inline(always)]
     pub(crate) fn gather_row(
         &mut self,
+        key: M::PrimaryKey,
         gathered: &mut Vec<M>,
         row: &Row,
         offset: usize,
     ) -> Result<Pending<Tracked<M>>> {
-        let key = M::primary_key_at(row, offset)?;
         if let Some(deleted) = self.deleted_object(&key) {
             return Ok(Pending::Ready(merge_known(deleted, row, offset)?));
         }

@@ -702,3 +702,107 @@ async fn a_join_failing_on_a_row_names_the_column_and_keeps_the_rows_before() {
         "the rows before the failure are in the identity map"
     );
 }
+
+/// Parents and children whose values count their drops, for a join's
+/// blocks to be shown freed exactly once.
+mod counted_join {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub CountedJoinBase);
+
+    pub static PARENTS_DROPPED: AtomicUsize = AtomicUsize::new(0);
+    pub static CHILDREN_DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "counted_parents", base = CountedJoinBase)]
+    pub struct Parent {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+    }
+
+    #[derive(Model, Debug, Clone)]
+    #[orm(table = "counted_children", base = CountedJoinBase)]
+    pub struct Child {
+        #[orm(primary_key)]
+        pub id: i64,
+        #[orm(foreign_key = Parent::id)]
+        pub parent_id: i64,
+        pub name: String,
+    }
+
+    impl Drop for Parent {
+        fn drop(&mut self) {
+            PARENTS_DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            CHILDREN_DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Children joined to their parents, a parent's children on consecutive
+/// rows: the joined side repeats the row before's object, in the block
+/// being gathered (the first parent, over 50 rows), across the children's
+/// block boundary at row 64 (the second parent), and after its block was
+/// made. Each row has its own child and its parent's one object, and once
+/// the rows and the session go, every value is freed exactly once.
+#[tokio::test]
+async fn a_joined_object_repeated_on_consecutive_rows_is_one_object_freed_once() {
+    use counted_join::{Child, CountedJoinBase, Parent, CHILDREN_DROPPED, PARENTS_DROPPED};
+    use std::sync::atomic::Ordering;
+
+    let db = crate::common::test_db().await;
+    CountedJoinBase::create_all(&db.engine).await.unwrap();
+    db.execute(
+        "INSERT INTO counted_parents SELECT i, 'parent ' || i FROM generate_series(1, 3) AS i; \
+         INSERT INTO counted_children SELECT i, 1 + (i - 1) / 50, 'child ' || i FROM generate_series(1, 150) AS i",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    let rows = session
+        .query::<Child>()
+        .join::<Parent>()
+        .order_by(Child::parent_id)
+        .order_by(Child::id)
+        .all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 150);
+    for (i, (child, parent)) in rows.iter().enumerate() {
+        let (child, parent_handle) = (child.read(), parent);
+        assert_eq!(child.id as usize, i + 1);
+        assert_eq!(child.name, format!("child {}", i + 1));
+        let parent = parent_handle.read();
+        assert_eq!(parent.id, child.parent_id);
+        assert_eq!(parent.name, format!("parent {}", parent.id));
+        assert!(parent_handle.ptr_eq(&rows[i - i % 50].1), "row {i}");
+    }
+    assert!(!rows[0].1.ptr_eq(&rows[50].1) && !rows[50].1.ptr_eq(&rows[100].1));
+    let echo = EchoCapture::start();
+    for id in 1..=3 {
+        let parent = session.get::<Parent>(id).await.unwrap().unwrap();
+        assert!(parent.ptr_eq(&rows[(id as usize - 1) * 50].1));
+    }
+    assert!(echo.take().is_empty(), "every parent is in the identity map");
+    assert_eq!(PARENTS_DROPPED.load(Ordering::SeqCst), 0, "nothing freed while held");
+    assert_eq!(CHILDREN_DROPPED.load(Ordering::SeqCst), 0, "nothing freed while held");
+
+    session.close().await.unwrap();
+    drop(rows);
+    assert_eq!(
+        PARENTS_DROPPED.load(Ordering::SeqCst),
+        3,
+        "each parent freed exactly once"
+    );
+    assert_eq!(
+        CHILDREN_DROPPED.load(Ordering::SeqCst),
+        150,
+        "each child freed exactly once"
+    );
+}
