@@ -284,7 +284,7 @@ impl<M: Model> Identities<M> {
             let index = gathering.len;
             gathering.len += 1;
             gathering.keys.push(key);
-            return Ok(Pending::Gathering(index));
+            return Ok(Pending::Gathering(index as usize));
         }
         self.get_or_gather_hashed(key, gather)
     }
@@ -305,7 +305,7 @@ impl<M: Model> Identities<M> {
             Entry::Occupied(entry) => {
                 let slot = *entry.get();
                 Ok(match gathering.as_ref().and_then(|gathering| gathering.place) {
-                    Some(place) if place == slot.block => Pending::Gathering(slot.index),
+                    Some(place) if place == slot.block => Pending::Gathering(slot.index as usize),
                     _ => Pending::Ready(kept.handle(slot)),
                 })
             }
@@ -316,7 +316,7 @@ impl<M: Model> Identities<M> {
                 let index = gathering.len;
                 gathering.len += 1;
                 entry.insert(Slot { block: place, index });
-                Ok(Pending::Gathering(index))
+                Ok(Pending::Gathering(index as usize))
             }
         }
     }

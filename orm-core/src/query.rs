@@ -122,7 +122,7 @@ pub trait Selection: 'static {
     fn finish_gathering(gathered: &mut Self::Gathered, uses: usize) -> Option<Self::GatheredBlock>;
     /// What a row yields for the object at `index` of a gathered block.
     #[doc(hidden)]
-    fn gathered_output(block: &mut Self::GatheredBlock, index: u32) -> Self::Output;
+    fn gathered_output(block: &mut Self::GatheredBlock, index: usize) -> Self::Output;
     /// Tracks what is left in `gathered` and gives back to `units` what
     /// [`start_gathering`](Self::start_gathering) took.
     #[doc(hidden)]
@@ -141,11 +141,9 @@ impl<M: Model> GatheredBlock<M> {
     /// A handle to the object at `index`, from the references counted
     /// ahead while they last.
     #[inline]
-    fn handle(&mut self, index: u32) -> Tracked<M> {
-        match self.handles.next() {
-            Some(block) => Tracked::from_counted(block, index),
-            None => Tracked::in_block(&self.block, index),
-        }
+    fn handle(&mut self, index: usize) -> Tracked<M> {
+        let block = self.handles.next().unwrap_or_else(|| self.block.clone());
+        Tracked::from_counted(block, index)
     }
 }
 
@@ -373,7 +371,7 @@ impl<M: Model> Selection for M {
         gathered.finish(uses)
     }
 
-    fn gathered_output(block: &mut GatheredBlock<M>, index: u32) -> Tracked<M> {
+    fn gathered_output(block: &mut GatheredBlock<M>, index: usize) -> Tracked<M> {
         block.handle(index)
     }
 
@@ -528,8 +526,9 @@ type PendingRow<S, J> = (Pending<<S as Selection>::Output>, Pending<<J as Joined
 pub enum Pending<O> {
     /// The output itself: an object the session held, or none.
     Ready(O),
-    /// The object at this place in the block being gathered.
-    Gathering(u32),
+    /// The object at this place in the block being gathered: a `usize`,
+    /// as in a handle, so that either variant is written as whole words.
+    Gathering(usize),
 }
 
 impl<O> Pending<O> {
@@ -546,7 +545,7 @@ impl<O> Pending<O> {
 
     /// The output, taking the object at a gathered place from `block`, the
     /// block made of what was gathered.
-    fn resolve<B>(self, block: Option<&mut B>, object_at: impl FnOnce(&mut B, u32) -> O) -> O {
+    fn resolve<B>(self, block: Option<&mut B>, object_at: impl FnOnce(&mut B, usize) -> O) -> O {
         match (self, block) {
             (Pending::Ready(output), _) => output,
             (Pending::Gathering(index), Some(block)) => object_at(block, index),
@@ -722,7 +721,7 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
         None
     }
 
-    fn gathered_output((): &mut (), _: u32) -> Self::Output {
+    fn gathered_output((): &mut (), _: usize) -> Self::Output {
         unreachable!("a pair gathers nothing")
     }
 

@@ -277,7 +277,10 @@ pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -
 pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> + '_ {
     (0..)
         .zip(block.clones(block.len()))
-        .map(|(index, block)| Tracked { block, index })
+        .map(|(index, block): (u32, _)| Tracked {
+            block,
+            index: index as usize,
+        })
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -295,7 +298,10 @@ pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> +
 /// object in it is dropped.
 pub struct Tracked<M> {
     block: Block<M>,
-    index: u32,
+    /// A `usize`, not the `u32` it fits in: a handle is written and read
+    /// whole, as two words, which the CPU forwards from store to load
+    /// without the stall a half-written word costs.
+    index: usize,
 }
 
 impl<M> Clone for Tracked<M> {
@@ -332,7 +338,7 @@ impl<M> Tracked<M> {
     fn shared(&self) -> &Shared<M> {
         match &self.block.objects {
             Objects::One(object) => object,
-            Objects::Many(objects) => &objects[self.index as usize],
+            Objects::Many(objects) => &objects[self.index],
         }
     }
 
@@ -342,25 +348,26 @@ impl<M> Tracked<M> {
         debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
         Tracked {
             block: block.clone(),
-            index,
+            index: index as usize,
         }
     }
 
     /// The handle to the object at `index` of the block that `block`, a
     /// reference already counted (one of [`Counted::clones`]), points to.
-    pub(crate) fn from_counted(block: Block<M>, index: u32) -> Tracked<M> {
+    pub(crate) fn from_counted(block: Block<M>, index: usize) -> Tracked<M> {
         debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
         Tracked { block, index }
     }
 
     /// Whether this is the object at `index` in `block`.
     pub(crate) fn is_in(&self, block: &Block<M>, index: u32) -> bool {
-        Counted::ptr_eq(&self.block, block) && self.index == index
+        Counted::ptr_eq(&self.block, block) && self.index == index as usize
     }
 
     /// The object's block and its place in it.
     pub(crate) fn place(&self) -> (&Block<M>, u32) {
-        (&self.block, self.index)
+        // Below MAX_BLOCK, made from a u32.
+        (&self.block, self.index as u32)
     }
 }
 
