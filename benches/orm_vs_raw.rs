@@ -444,11 +444,11 @@ impl Bench {
         );
     }
 
-    /// Users with their posts, by one LEFT JOIN (SQLAlchemy's joined eager
-    /// loading), grouped into each user's list of posts. Expects the data
-    /// `medium_query` leaves: 1,000 users with 10 posts each.
     /// Posts with their authors, by one JOIN from the child side: each row
-    /// a post and its user, users repeating on many rows. Expects the data
+    /// a post and its user. Posts 1 to 1,000 belong to 1,000 different
+    /// users, so every row brings two objects new to the session: the
+    /// hardest case for the identity map, which gains nothing from a
+    /// repeated author here. Expects the data
     /// `medium_query` leaves (posts spread over 1,000 users). The raw side
     /// decodes both on every row, as a hand-written loop would.
     async fn posts_with_authors(&mut self, posts: i64) {
@@ -499,10 +499,13 @@ impl Bench {
             &format!("{posts} posts with their authors (JOIN from the child side)"),
             orm,
             raw,
-            "users repeat across rows; raw decodes both on every row",
+            "every post by a different user: two new objects per row",
         );
     }
 
+    /// Users with their posts, by one LEFT JOIN (SQLAlchemy's joined eager
+    /// loading), grouped into each user's list of posts. Expects the data
+    /// `medium_query` leaves: 1,000 users with 10 posts each.
     async fn users_with_posts(&mut self, users: i64) {
         let statement = self
             .prepare(
