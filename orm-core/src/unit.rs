@@ -893,18 +893,31 @@ impl<M: Model> FreshRows<M> {
     /// was read back in wider pieces than it was written, which stalls.
     #[inline(always)]
     pub(crate) fn push(&mut self, key: M::PrimaryKey, value: M) -> bool {
-        if self.values.capacity() == 0 {
-            // A block's worth at once, rather than growing five times.
-            self.values.reserve_exact(MAX_BLOCK);
-        }
-        if self.keys.capacity() == 0 {
-            self.keys.reserve_exact(MAX_BLOCK);
+        if self.values.len() == self.values.capacity() {
+            self.grow();
         }
         self.keys.push(key);
         self.values.push(value);
         self.values.len() == MAX_BLOCK
     }
+
+    /// Room for a few rows first, which is all a lookup by key needs (a
+    /// block's worth is a large allocation, slow to make and to free), then
+    /// for a whole block at once, rather than growing four more times.
+    #[cold]
+    fn grow(&mut self) {
+        let room = if self.values.capacity() == 0 {
+            FEW_ROWS
+        } else {
+            MAX_BLOCK
+        };
+        self.values.reserve_exact(room - self.values.len());
+        self.keys.reserve_exact(room - self.keys.len());
+    }
 }
+
+/// The rows a load makes room for first: see [`FreshRows::grow`].
+const FEW_ROWS: usize = 8;
 
 fn check_count(table: &'static TableDef, operation: &'static str, expected: usize, actual: u64) -> Result<()> {
     if actual == expected as u64 {
