@@ -92,7 +92,8 @@ pub trait Selection: 'static {
     fn decode_at(row: &Row, offset: usize) -> Result<Self::Value>;
     /// What a join's left side keeps while it loads: for a model, its
     /// state, its new objects' values held back to be tracked a block at a
-    /// time, and the row before's object.
+    /// time, and the row before's key and object; for a pair, the row
+    /// before's keys (as bytes) and objects.
     #[doc(hidden)]
     type Gathered: Send;
     /// The block made of what was held back.
@@ -116,8 +117,9 @@ pub trait Selection: 'static {
     #[doc(hidden)]
     fn gathered_len(gathered: &Self::Gathered) -> usize;
     /// Tracks what `gathered` holds in one block, at the place its keys
-    /// name, and counts `uses` handles to it at once; none if it holds
-    /// nothing.
+    /// name, with the references of the `uses` handles that pending rows
+    /// will take counted at once (and any `gathered` keeps itself); none if
+    /// it holds nothing.
     #[doc(hidden)]
     fn finish_gathering(gathered: &mut Self::Gathered, uses: usize) -> Option<Self::GatheredBlock>;
     /// What a row yields for the object at `index` of a gathered block.
@@ -160,6 +162,9 @@ impl<M: Model> std::fmt::Debug for GatheredBlock<M> {
 /// many, as a plain load does); and the row before's key and object are
 /// kept, since a join repeats the left side (a user, for each of its
 /// posts) on consecutive rows, and often the right side too.
+///
+/// Taking the state creates it if the session had none, so a join leaves
+/// each of its models' (empty) state in the session even if it met no row.
 #[doc(hidden)]
 pub struct ModelGathering<M: Model> {
     /// None once the load has given it back.

@@ -353,7 +353,8 @@ impl<M> Tracked<M> {
     }
 
     /// The handle to the object at `index` of the block that `block`, a
-    /// reference already counted (one of [`Counted::clones`]), points to.
+    /// reference this handle takes over (a clone, or one of
+    /// [`Counted::clones`]), points to.
     pub(crate) fn from_counted(block: Block<M>, index: usize) -> Tracked<M> {
         debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
         Tracked { block, index }

@@ -148,8 +148,8 @@ impl<M: Model> TableState<M> {
     /// For a model of a join: the session's object for `key`, the row's,
     /// with the row merged into it, or else the place of the row's new
     /// object in the block being gathered, its value held back in
-    /// `gathered`. Only the key is decoded when the session's object needs
-    /// nothing from the row.
+    /// `gathered`. The rest of the row is decoded only when the session's
+    /// object needs it.
     #[inline(always)]
     pub(crate) fn gather_row(
         &mut self,
