@@ -130,30 +130,32 @@ impl Config {
 }
 
 struct Report {
-    rows: Vec<(String, Duration, Duration, String)>,
+    rows: Vec<(String, Measured, String)>,
 }
 
 impl Report {
-    fn add(&mut self, workload: &str, orm: Duration, raw: Duration, note: &str) {
+    fn add(&mut self, workload: &str, measured: Measured, note: &str) {
         println!(
-            "  {workload:<44} orm {:>10}  raw {:>10}  ratio {:.2} {note}",
-            fmt(orm),
-            fmt(raw),
-            ratio(orm, raw)
+            "  {workload:<44} orm {:>10}  raw {:>10}  ratio {:.2} (paired {:.2}) {note}",
+            fmt(measured.orm),
+            fmt(measured.raw),
+            ratio(measured.orm, measured.raw),
+            measured.paired
         );
-        self.rows.push((workload.to_owned(), orm, raw, note.to_owned()));
+        self.rows.push((workload.to_owned(), measured, note.to_owned()));
     }
 
     fn print(&self) {
         println!();
-        println!("| workload | ORM median | raw median | ratio ORM/raw | note |");
-        println!("|---|---:|---:|---:|---|");
-        for (workload, orm, raw, note) in &self.rows {
+        println!("| workload | ORM median | raw median | ratio ORM/raw | paired ratio | note |");
+        println!("|---|---:|---:|---:|---:|---|");
+        for (workload, measured, note) in &self.rows {
             println!(
-                "| {workload} | {} | {} | {:.2} | {note} |",
-                fmt(*orm),
-                fmt(*raw),
-                ratio(*orm, *raw)
+                "| {workload} | {} | {} | {:.2} | {:.2} | {note} |",
+                fmt(measured.orm),
+                fmt(measured.raw),
+                ratio(measured.orm, measured.raw),
+                measured.paired
             );
         }
     }
@@ -179,10 +181,20 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// Both sides' medians, and the median of the ratios of samples taken one
+/// after the other: the machine's speed drifts over seconds (the server's
+/// round trip, other tenants), and a pair of adjacent samples shares its
+/// state where the two medians may not.
+struct Measured {
+    orm: Duration,
+    raw: Duration,
+    paired: f64,
+}
+
 /// Samples both sides alternately (so drift hits both alike) until the
-/// budget is spent, and returns both medians. `setup` runs untimed before
-/// every sample of either side.
-async fn compare<S, SF, O, OF, R, RF>(config: &Config, mut setup: S, mut orm: O, mut raw: R) -> (Duration, Duration)
+/// budget is spent. `setup` runs untimed before every sample of either
+/// side.
+async fn compare<S, SF, O, OF, R, RF>(config: &Config, mut setup: S, mut orm: O, mut raw: R) -> Measured
 where
     S: FnMut() -> SF,
     SF: Future<Output = ()>,
@@ -216,7 +228,17 @@ where
             break;
         }
     }
-    (median(orm_samples), median(raw_samples))
+    let mut paired: Vec<f64> = orm_samples
+        .iter()
+        .zip(&raw_samples)
+        .map(|(o, r)| ratio(*o, *r))
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    Measured {
+        paired: paired[paired.len() / 2],
+        orm: median(orm_samples),
+        raw: median(raw_samples),
+    }
 }
 
 /// Streams rows of (id, name, email, age) into `table` by binary COPY, as
@@ -296,7 +318,7 @@ impl Bench {
         // Tracked objects (identity map, change tracking), then the same rows
         // as plain values, untracked: what Diesel or SeaORM return.
         for tracked in [true, false] {
-            let (orm, raw) = compare(
+            let measured = compare(
                 &self.config,
                 || async {},
                 || async {
@@ -341,7 +363,7 @@ impl Bench {
                     "untracked; raw: query_raw, decoded as rows arrive",
                 )
             };
-            self.report.add(&workload, orm, raw, note);
+            self.report.add(&workload, measured, note);
         }
     }
 
@@ -351,7 +373,7 @@ impl Bench {
             .prepare("SELECT id, name, email, age FROM users WHERE id = $1")
             .await;
         let (sessions, engine) = (&self.readers, &self.engine);
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {},
             || async {
@@ -379,7 +401,7 @@ impl Bench {
         )
         .await;
         self.report
-            .add(&format!("get by primary key, {lookups} times"), orm, raw, "");
+            .add(&format!("get by primary key, {lookups} times"), measured, "");
     }
 
     async fn medium_query(&mut self) {
@@ -397,7 +419,7 @@ impl Bench {
             )
             .await;
         let (sessions, engine) = (&self.readers, &self.engine);
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {},
             || async {
@@ -438,8 +460,7 @@ impl Bench {
         .await;
         self.report.add(
             "users JOIN posts, filter + order + limit 20",
-            orm,
-            raw,
+            measured,
             "1,000 users, 10,000 posts",
         );
     }
@@ -460,7 +481,7 @@ impl Bench {
             )
             .await;
         let (sessions, engine) = (&self.readers, &self.engine);
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {},
             || async {
@@ -497,8 +518,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("{posts} posts with their authors (JOIN from the child side)"),
-            orm,
-            raw,
+            measured,
             "every post by a different user: two new objects per row",
         );
     }
@@ -515,7 +535,7 @@ impl Bench {
             )
             .await;
         let (sessions, engine) = (&self.readers, &self.engine);
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {},
             || async {
@@ -567,8 +587,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("{users} users with their posts (LEFT JOIN)"),
-            orm,
-            raw,
+            measured,
             "10 posts each; grouped per user",
         );
     }
@@ -595,7 +614,7 @@ impl Bench {
         };
 
         // Against one INSERT ... RETURNING per row, in one transaction.
-        let (orm, raw_single) = compare(&self.config, truncate, orm_insert, || async {
+        let vs_single_inserts = compare(&self.config, truncate, orm_insert, || async {
             let conn = engine.connect().await.unwrap();
             let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
@@ -618,8 +637,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("insert {rows} in one flush"),
-            orm,
-            raw_single,
+            vs_single_inserts,
             "raw: one INSERT ... RETURNING per row",
         );
         if rows == 1 {
@@ -627,7 +645,7 @@ impl Bench {
         }
 
         // Against a hand-written multi-row INSERT ... VALUES ... RETURNING.
-        let (orm, raw_multi) = compare(&self.config, truncate, orm_insert, || async {
+        let vs_multi_row_insert = compare(&self.config, truncate, orm_insert, || async {
             let conn = engine.connect().await.unwrap();
             let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
@@ -652,16 +670,14 @@ impl Bench {
             .await
         })
         .await;
-        let _ = orm;
         self.report.add(
             &format!("insert {rows} in one flush"),
-            orm,
-            raw_multi,
+            vs_multi_row_insert,
             "raw: hand-written multi-row INSERT ... RETURNING",
         );
 
         // Against binary COPY, the fastest way in (no keys come back).
-        let (orm, raw_copy) = compare(&self.config, truncate, orm_insert, || async {
+        let vs_copy = compare(&self.config, truncate, orm_insert, || async {
             let conn = engine.connect().await.unwrap();
             let raw = conn.client();
             let users: Vec<NewUser> = (0..rows).map(new_user).collect();
@@ -686,8 +702,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("insert {rows} in one flush"),
-            orm,
-            raw_copy,
+            vs_copy,
             "raw: binary COPY, no keys returned",
         );
 
@@ -698,7 +713,7 @@ impl Bench {
                 "SELECT ARRAY(SELECT nextval('new_users_id_seq') FROM (SELECT generate_series(1, $1::bigint)) AS g)",
             )
             .await;
-        let (orm, raw_keys_copy) = compare(&self.config, truncate, orm_insert, || async {
+        let vs_keys_then_copy = compare(&self.config, truncate, orm_insert, || async {
             let conn = engine.connect().await.unwrap();
             let raw = conn.client();
             let mut users: Vec<NewUser> = (0..rows).map(new_user).collect();
@@ -719,8 +734,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("insert {rows} in one flush"),
-            orm,
-            raw_keys_copy,
+            vs_keys_then_copy,
             "raw: keys taken from the sequence, then binary COPY",
         );
         let _ = engine;
@@ -734,7 +748,7 @@ impl Bench {
             email: format!("user{i}@example.com"),
             age: (i % 90) as i32,
         };
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {
                 let conn = engine.connect().await.unwrap();
@@ -766,8 +780,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("insert {rows} with keys set by the application"),
-            orm,
-            raw,
+            measured,
             "binary COPY",
         );
     }
@@ -777,7 +790,7 @@ impl Bench {
         let statement = self.prepare("UPDATE users SET age = $1 WHERE id = $2").await;
         let (sessions, engine) = (&self.sessions, &self.engine);
         let mut round = 0i32;
-        let (orm, raw) = compare(
+        let measured = compare(
             &self.config,
             || async {},
             || {
@@ -828,8 +841,7 @@ impl Bench {
         .await;
         self.report.add(
             &format!("update {rows} changed objects in one flush"),
-            orm,
-            raw,
+            measured,
             "raw: one UPDATE per row",
         );
     }
@@ -841,7 +853,7 @@ impl Bench {
         let orm_peak = std::cell::Cell::new(0);
         let raw_peak = std::cell::Cell::new(0);
         let base = resident_kib();
-        let (orm, raw_time) = compare(
+        let streamed = compare(
             &self.config,
             || async {},
             || async {
@@ -897,7 +909,7 @@ impl Bench {
             raw_peak.get().max(base) / 1024,
             base / 1024
         );
-        self.report.add(&format!("stream {rows} rows"), orm, raw_time, &note);
+        self.report.add(&format!("stream {rows} rows"), streamed, &note);
     }
 }
 
