@@ -4,12 +4,12 @@
 use std::fmt::Debug;
 use std::hash::Hash;
 
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::sql::ReferentialAction;
-use crate::types::Param;
+use crate::types::{ColumnType, Param};
 
 /// A table, as `#[derive(Model)]` describes it.
 #[derive(Debug)]
@@ -170,12 +170,45 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
 
 /// Decodes column `index` of `row` into a field, naming the column on failure.
 /// Inlined into each model's `from_row`, with the error path kept out of line:
-/// this runs once per column of every row loaded.
-#[inline]
-pub fn decode_column<'r, T: FromSql<'r>>(row: &'r Row, index: usize, table: &TableDef, column: usize) -> Result<T> {
+/// this runs once per column of every row loaded. A type that can decode
+/// its value without the driver's checks (see
+/// [`ColumnType::decode_fast`]) does; any value it leaves goes through the
+/// driver, which also reports every error.
+#[inline(always)]
+pub fn decode_column<T: ColumnType>(row: &Row, index: usize, table: &TableDef, column: usize) -> Result<T> {
+    if T::DECODES_FAST {
+        if let Some(value) = decode_fast(row, index) {
+            return Ok(value);
+        }
+    }
     match row.try_get(index) {
         Ok(value) => Ok(value),
         Err(source) => Err(type_mismatch(table, column, source)),
+    }
+}
+
+#[inline(always)]
+fn decode_fast<T: ColumnType>(row: &Row, index: usize) -> Option<T> {
+    let ty = row.columns().get(index)?.type_();
+    let RawValue(raw) = row.try_get(index).ok()?;
+    T::decode_fast(ty, raw)
+}
+
+/// A value of any type, as its raw bytes (`None` for NULL): enough to tell
+/// whether a left join matched, or whether two rows carry the same key.
+pub(crate) struct RawValue<'a>(pub(crate) Option<&'a [u8]>);
+
+impl<'a> FromSql<'a> for RawValue<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(Some(raw)))
+    }
+
+    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(None))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
     }
 }
 

@@ -3,13 +3,12 @@
 
 use std::marker::PhantomData;
 
-use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::Row;
 
 use crate::counted::Clones;
 use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
-use crate::model::{Model, TableDef};
+use crate::model::{Model, RawValue, TableDef};
 use crate::session::{put_unit, take_unit, unit_of, Session, Units};
 use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::{Block, BlockInner, Tracked, MAX_BLOCK};
@@ -436,24 +435,6 @@ impl<B: Model> Joined for B {
     #[inline]
     fn decode_at(row: &Row, offset: usize) -> Result<B> {
         B::from_row_at(row, offset)
-    }
-}
-
-/// A value of any type, as its raw bytes (`None` for NULL): enough to tell
-/// whether a left join matched, or whether two rows carry the same key.
-struct RawValue<'a>(Option<&'a [u8]>);
-
-impl<'a> FromSql<'a> for RawValue<'a> {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(RawValue(Some(raw)))
-    }
-
-    fn from_sql_null(_: &Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(RawValue(None))
-    }
-
-    fn accepts(_: &Type) -> bool {
-        true
     }
 }
 

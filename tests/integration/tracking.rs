@@ -32,6 +32,26 @@ mod counted {
     }
 }
 
+/// String fields over every column type the driver reads as plain text,
+/// and over one it reads otherwise.
+mod texts {
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub TextsBase);
+
+    #[derive(Model, Debug, Clone, PartialEq)]
+    #[orm(table = "text_kinds", base = TextsBase)]
+    pub struct TextKinds {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub plain: String,
+        pub limited: String,
+        pub padded: String,
+        pub system_name: String,
+        pub maybe: Option<String>,
+    }
+}
+
 /// A model over a table without a primary key constraint, so that a
 /// result may repeat a key.
 mod loose {
@@ -434,6 +454,90 @@ async fn values_of_a_column_of_another_type_are_a_type_mismatch_naming_it() {
     match session.query::<loose::LooseRow>().values().await.unwrap_err() {
         Error::TypeMismatch { table, column, .. } => {
             assert_eq!((table.as_str(), column.as_str()), ("loose_rows", "name"))
+        }
+        other => panic!("expected a type mismatch, got {other:?}"),
+    }
+}
+
+/// Text decodes alike from text, varchar, char (padded) and name columns,
+/// through a tracked load, a get and plain values; NULL gives None in an
+/// Option and a type mismatch naming the column in a String; a column the
+/// driver does not read as text is refused as it always was.
+#[tokio::test]
+async fn text_decodes_alike_from_every_text_column_type() {
+    use texts::TextKinds;
+
+    let db = test_db().await;
+    db.execute(
+        "CREATE TABLE text_kinds (id bigint PRIMARY KEY, plain text, limited varchar(10), padded char(5), \
+         system_name name, maybe text); \
+         INSERT INTO text_kinds VALUES (1, 'héllo', 'wörld', 'ab', 'pg_class', NULL), \
+         (2, '', '', '', '', 'ünïcode ✓')",
+    )
+    .await;
+    let expected = [
+        TextKinds {
+            id: 1,
+            plain: "héllo".to_owned(),
+            limited: "wörld".to_owned(),
+            padded: "ab   ".to_owned(),
+            system_name: "pg_class".to_owned(),
+            maybe: None,
+        },
+        TextKinds {
+            id: 2,
+            plain: String::new(),
+            limited: String::new(),
+            padded: "     ".to_owned(),
+            system_name: String::new(),
+            maybe: Some("ünïcode ✓".to_owned()),
+        },
+    ];
+    let mut session = sessionmaker(&db.engine).session();
+    let values = session
+        .query::<TextKinds>()
+        .order_by(TextKinds::id)
+        .values()
+        .await
+        .unwrap();
+    assert_eq!(values, expected);
+    let tracked = session
+        .query::<TextKinds>()
+        .order_by(TextKinds::id)
+        .all()
+        .await
+        .unwrap();
+    let read: Vec<TextKinds> = tracked.iter().map(|row| row.read().clone()).collect();
+    assert_eq!(read, expected);
+    let mut other = sessionmaker(&db.engine).session();
+    assert_eq!(*other.get::<TextKinds>(2).await.unwrap().unwrap().read(), expected[1]);
+    // Their transactions' locks would hold up the changes below.
+    session.close().await.unwrap();
+    other.close().await.unwrap();
+
+    db.execute("UPDATE text_kinds SET limited = NULL WHERE id = 2").await;
+    let mut session = sessionmaker(&db.engine).session();
+    match session.query::<TextKinds>().values().await.unwrap_err() {
+        Error::TypeMismatch { table, column, .. } => {
+            assert_eq!((table.as_str(), column.as_str()), ("text_kinds", "limited"))
+        }
+        other => panic!("expected a type mismatch, got {other:?}"),
+    }
+    session.close().await.unwrap();
+
+    // An enum is not text to the driver: refused, naming the column.
+    let db = test_db().await;
+    db.execute(
+        "CREATE TYPE mood AS ENUM ('happy'); \
+         CREATE TABLE text_kinds (id bigint PRIMARY KEY, plain text, limited mood, padded char(5), \
+         system_name name, maybe text); \
+         INSERT INTO text_kinds VALUES (1, 'a', 'happy', 'b', 'c', NULL)",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    match session.get::<TextKinds>(1).await.unwrap_err() {
+        Error::TypeMismatch { table, column, .. } => {
+            assert_eq!((table.as_str(), column.as_str()), ("text_kinds", "limited"))
         }
         other => panic!("expected a type mismatch, got {other:?}"),
     }
