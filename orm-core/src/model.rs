@@ -134,6 +134,15 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// column `offset` on: the second model of a join starts after the first.
     fn from_row_at(row: &Row, offset: usize) -> Result<Self>;
 
+    /// [`from_row_at`](Self::from_row_at) for a row whose key was decoded
+    /// already (by [`primary_key_at`](Self::primary_key_at)): the key's
+    /// fields take `key` instead of decoding it again.
+    #[inline(always)]
+    fn from_row_with_key(row: &Row, offset: usize, key: Self::PrimaryKey) -> Result<Self> {
+        let _ = key;
+        Self::from_row_at(row, offset)
+    }
+
     /// Decodes only the primary key of such a row, so that a row whose
     /// object the session already holds is not decoded in full.
     fn primary_key_at(row: &Row, offset: usize) -> Result<Self::PrimaryKey>;

@@ -317,7 +317,8 @@ impl<M: Model> Selection for M {
                 out.push(known);
                 return Ok(());
             }
-            (key, M::from_row(row)?)
+            let value = M::from_row_with_key(row, 0, key.clone())?;
+            (key, value)
         } else {
             let value = M::from_row(row)?;
             let key = value.primary_key();

@@ -161,8 +161,8 @@ impl<M: Model> TableState<M> {
         if let Some(deleted) = self.deleted_object(&key) {
             return Ok(Pending::Ready(merge_known(deleted, row, offset)?));
         }
-        let found = self.identity.get_or_gather(key, || {
-            gathered.push(M::from_row_at(row, offset)?);
+        let found = self.identity.get_or_gather(key.clone(), || {
+            gathered.push(M::from_row_with_key(row, offset, key)?);
             Ok(())
         })?;
         match found {

@@ -185,10 +185,36 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
         quote!(#field: #decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?,)
     });
-    let skipped = model
+    // The key's parts, bound by name, for `from_row_with_key` to move into
+    // their fields instead of decoding them again.
+    let key_parts: Vec<syn::Ident> = (0..primary_key.len())
+        .map(|i| quote::format_ident!("__orm_key_{}", i))
+        .collect();
+    let key_pattern = if key_parts.len() == 1 {
+        let part = &key_parts[0];
+        quote!(#part)
+    } else {
+        quote!((#(#key_parts,)*))
+    };
+    let fields_with_key = model.columns.iter().enumerate().map(|(position, column)| {
+        let field = column.ident;
+        match primary_key.iter().position(|(p, _)| *p == position) {
+            Some(part) => {
+                let part = &key_parts[part];
+                quote!(#field: #part,)
+            }
+            None => {
+                let ty = column.ty;
+                let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
+                quote!(#field: #decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?,)
+            }
+        }
+    });
+    let skipped: Vec<_> = model
         .skipped
         .iter()
-        .map(|field| quote!(#field: ::core::default::Default::default(),));
+        .map(|field| quote!(#field: ::core::default::Default::default(),))
+        .collect();
     let set_arms = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
         let ty = column.ty;
@@ -282,6 +308,19 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
             fn from_row_at(#row: &#krate::__private::Row, offset: usize) -> #krate::Result<Self> {
                 ::core::result::Result::Ok(#ident {
                     #(#decode_fields)*
+                    #(#skipped)*
+                })
+            }
+
+            #[inline(always)]
+            fn from_row_with_key(
+                #row: &#krate::__private::Row,
+                offset: usize,
+                key: Self::PrimaryKey,
+            ) -> #krate::Result<Self> {
+                let #key_pattern = key;
+                ::core::result::Result::Ok(#ident {
+                    #(#fields_with_key)*
                     #(#skipped)*
                 })
             }

@@ -685,6 +685,17 @@ async fn composite_keys_round_trip() {
     assert_eq!(members.len(), 2);
     assert!(members[0].ptr_eq(&member));
     assert_eq!(members[0].read().level, 5);
+    // The other, new to the session, decoded around the key read first.
+    assert_eq!(
+        *members[1].read(),
+        Membership {
+            group_id: 1,
+            user_key: 11,
+            level: 1,
+            note: None,
+            scratch: vec![],
+        }
+    );
     assert_eq!(
         db.scalar("SELECT level::bigint FROM memberships WHERE group_id = 1 AND user_key = 11")
             .await,
