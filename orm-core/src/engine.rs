@@ -382,14 +382,24 @@ impl<'c> Executor<'c> {
     where
         F: std::future::Future<Output = Result<T>>,
     {
-        match self.pending_begin {
+        let result = match self.pending_begin {
             Some(flag) if flag.swap(false, Ordering::AcqRel) => {
                 let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), start()).await;
                 began?;
                 result
             }
             _ => start().await,
+        };
+        if let Err(error) = &result {
+            if error.is_stale_statement() {
+                // A table's columns changed type since this connection
+                // prepared its statements: prepare them again from the next
+                // call on. This call has failed (and aborted its
+                // transaction), as SQLAlchemy's asyncpg dialect does.
+                self.client.statement_cache.clear();
+            }
         }
+        result
     }
 
     /// Runs the statement `start` makes, with echo: its text, parameter

@@ -266,6 +266,16 @@ impl Error {
         }
     }
 
+    /// Whether the server refused a prepared statement because a table it
+    /// reads changed its columns' types since it was prepared.
+    pub(crate) fn is_stale_statement(&self) -> bool {
+        matches!(
+            self,
+            Error::Database { code: Some(code), message, .. }
+                if code == "0A000" && message.starts_with("cached plan must not change result type")
+        )
+    }
+
     /// Sorts a driver error into the variant that describes it best.
     pub fn from_driver(source: tokio_postgres::Error) -> Self {
         if let Some(db) = source.as_db_error() {

@@ -551,6 +551,45 @@ async fn text_decodes_alike_from_every_text_column_type() {
     }
 }
 
+/// A column that changed type under a pooled connection's prepared
+/// statement: PostgreSQL refuses the stale statement once (the error is
+/// the server's, as it is), and the connection prepares its statements
+/// again from the next call on, in an autocommit session and after a
+/// rollback alike.
+#[tokio::test]
+async fn a_statement_prepared_before_a_column_changed_type_is_prepared_again() {
+    use crate::common::test_db_with;
+
+    // One connection, so that every call meets the statements it cached.
+    let db = test_db_with(|builder| builder.pool_size(1)).await;
+    db.execute("CREATE TABLE loose_rows (id bigint, name text); INSERT INTO loose_rows VALUES (1, 'a')")
+        .await;
+    let reader = sessionmaker(&db.engine).autocommit(true);
+    let names = |rows: Vec<loose::LooseRow>| rows.into_iter().map(|row| row.name).collect::<Vec<_>>();
+    let mut session = reader.session();
+    assert_eq!(names(session.query::<loose::LooseRow>().values().await.unwrap()), ["a"]);
+
+    db.execute("ALTER TABLE loose_rows ALTER COLUMN name TYPE varchar(20)")
+        .await;
+    match session.query::<loose::LooseRow>().values().await.unwrap_err() {
+        Error::Database { code, .. } => assert_eq!(code.as_deref(), Some("0A000")),
+        other => panic!("expected the server's stale statement error, got {other:?}"),
+    }
+    assert_eq!(names(session.query::<loose::LooseRow>().values().await.unwrap()), ["a"]);
+    session.close().await.unwrap();
+
+    // Inside a transaction the failure aborts it: a rollback, then the
+    // statement is prepared again.
+    let mut session = sessionmaker(&db.engine).session();
+    assert_eq!(session.query::<loose::LooseRow>().all().await.unwrap().len(), 1);
+    session.rollback().await.unwrap();
+    db.execute("ALTER TABLE loose_rows ALTER COLUMN name TYPE text").await;
+    assert!(session.query::<loose::LooseRow>().all().await.is_err());
+    session.rollback().await.unwrap();
+    let rows = session.query::<loose::LooseRow>().all().await.unwrap();
+    assert_eq!(rows[0].read().name, "a");
+}
+
 /// A seeded walk of loads (in key order and out of it), gets, deletes, adds,
 /// commits and closes. After every step each row the session's transaction
 /// sees has exactly one object, reached alike by a load and by `get`: the
