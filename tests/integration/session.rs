@@ -645,6 +645,13 @@ async fn transaction_control_through_raw_sql_is_refused() {
 async fn composite_keys_round_trip() {
     let db = setup().await;
     let mut session = sessionmaker(&db.engine).session();
+    let second = Membership {
+        group_id: 1,
+        user_key: 11,
+        level: 1,
+        note: None,
+        scratch: vec![],
+    };
     session.add_all([
         Membership {
             group_id: 1,
@@ -653,13 +660,7 @@ async fn composite_keys_round_trip() {
             note: Some(vec![0, 159, 255]),
             scratch: vec!["not stored".into()],
         },
-        Membership {
-            group_id: 1,
-            user_key: 11,
-            level: 1,
-            note: None,
-            scratch: vec![],
-        },
+        second.clone(),
     ]);
     session.commit().await.unwrap();
 
@@ -686,16 +687,7 @@ async fn composite_keys_round_trip() {
     assert!(members[0].ptr_eq(&member));
     assert_eq!(members[0].read().level, 5);
     // The other, new to the session, decoded around the key read first.
-    assert_eq!(
-        *members[1].read(),
-        Membership {
-            group_id: 1,
-            user_key: 11,
-            level: 1,
-            note: None,
-            scratch: vec![],
-        }
-    );
+    assert_eq!(*members[1].read(), second);
     assert_eq!(
         db.scalar("SELECT level::bigint FROM memberships WHERE group_id = 1 AND user_key = 11")
             .await,
