@@ -382,13 +382,11 @@ impl<'c> Executor<'c> {
     where
         F: std::future::Future<Output = Result<T>>,
     {
-        let result = match self.pending_begin {
+        let (began, result) = match self.pending_begin {
             Some(flag) if flag.swap(false, Ordering::AcqRel) => {
-                let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), start()).await;
-                began?;
-                result
+                futures_util::future::join(self.batch_now("BEGIN"), start()).await
             }
-            _ => start().await,
+            _ => (Ok(()), start().await),
         };
         if let Err(error) = &result {
             if error.is_stale_statement() {
@@ -399,6 +397,7 @@ impl<'c> Executor<'c> {
                 self.client.statement_cache.clear();
             }
         }
+        began?;
         result
     }
 

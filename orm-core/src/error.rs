@@ -267,13 +267,22 @@ impl Error {
     }
 
     /// Whether the server refused a prepared statement because a table it
-    /// reads changed its columns' types since it was prepared.
+    /// reads changed its columns' types since it was prepared. Told by the
+    /// server function that raised it, which `lc_messages` never translates
+    /// (the English message is the fallback for servers that omit it).
     pub(crate) fn is_stale_statement(&self) -> bool {
-        matches!(
-            self,
-            Error::Database { code: Some(code), message, .. }
-                if code == "0A000" && message.starts_with("cached plan must not change result type")
-        )
+        let Error::Database {
+            code: Some(code),
+            message,
+            source,
+        } = self
+        else {
+            return false;
+        };
+        let routine = source.as_db_error().and_then(|db| db.routine());
+        code == "0A000"
+            && (routine == Some("RevalidateCachedQuery")
+                || message.starts_with("cached plan must not change result type"))
     }
 
     /// Sorts a driver error into the variant that describes it best.

@@ -259,8 +259,9 @@ impl<M: Model> Identities<M> {
     }
 
     /// The map's object for `key`, or its place in the block being
-    /// gathered; for a key new to the map, `gather` holds the object's value
-    /// back (to be tracked at that place) and the key goes in the map, named
+    /// gathered; for a key new to the map, `gather` (given the key) holds
+    /// the object's value back (to be tracked at that place) and the key
+    /// goes in the map, named
     /// for that place (or waits beside the block, unhashed: see below),
     /// unless `gather` fails.
     ///
@@ -272,14 +273,14 @@ impl<M: Model> Identities<M> {
     pub(crate) fn get_or_gather(
         &mut self,
         key: M::PrimaryKey,
-        gather: impl FnOnce() -> Result<()>,
+        gather: impl FnOnce(&M::PrimaryKey) -> Result<()>,
     ) -> Result<Pending<Tracked<M>>> {
         let gathering_keys = self.gathering.as_ref().map(|gathering| &gathering.keys);
         let last = gathering_keys
             .and_then(|keys| keys.last())
             .or_else(|| self.unindexed_keys.last());
         if self.slots.is_empty() && last.is_none_or(|last| key > *last) {
-            gather()?;
+            gather(&key)?;
             let gathering = self.gathering.get_or_insert_with(Gathering::default);
             let index = gathering.len;
             gathering.len += 1;
@@ -294,7 +295,7 @@ impl<M: Model> Identities<M> {
     fn get_or_gather_hashed(
         &mut self,
         key: M::PrimaryKey,
-        gather: impl FnOnce() -> Result<()>,
+        gather: impl FnOnce(&M::PrimaryKey) -> Result<()>,
     ) -> Result<Pending<Tracked<M>>> {
         self.hash_gathering();
         self.index_for_gathering();
@@ -310,7 +311,7 @@ impl<M: Model> Identities<M> {
                 })
             }
             Entry::Vacant(entry) => {
-                gather()?;
+                gather(entry.key())?;
                 let gathering = gathering.get_or_insert_with(Gathering::default);
                 let place = *gathering.place.get_or_insert_with(|| kept.reserve());
                 let index = gathering.len;

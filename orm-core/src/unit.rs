@@ -161,8 +161,10 @@ impl<M: Model> TableState<M> {
         if let Some(deleted) = self.deleted_object(&key) {
             return Ok(Pending::Ready(merge_known(deleted, row, offset)?));
         }
-        let found = self.identity.get_or_gather(key.clone(), || {
-            gathered.push(M::from_row_with_key(row, offset, key)?);
+        // The key is cloned for a new object only (where it replaces decoding
+        // the key's columns again), not for a row of a known one.
+        let found = self.identity.get_or_gather(key, |key| {
+            gathered.push(M::from_row_with_key(row, offset, key.clone())?);
             Ok(())
         })?;
         match found {
