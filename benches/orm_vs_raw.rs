@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use orm::dev::{DevServer, TestDatabase};
 use orm::prelude::*;
 use orm::tokio_postgres::binary_copy::BinaryCopyInWriter;
-use orm::tokio_postgres::types::{ToSql, Type};
+use orm::tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use orm::tokio_postgres::{Row, Statement};
 
 orm::declarative_base!(BenchBase);
@@ -262,6 +262,25 @@ async fn copy_users<'a>(
     writer.finish().await.unwrap();
 }
 
+/// Runs a prepared statement and hands each row to `on_row` as it arrives:
+/// the fastest hand-written form, never collecting a `Vec<Row>` first.
+async fn each_raw_row<P, I>(
+    raw: &orm::tokio_postgres::Client,
+    statement: &Statement,
+    params: I,
+    mut on_row: impl FnMut(Row),
+) where
+    P: BorrowToSql,
+    I: IntoIterator<Item = P>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let stream = raw.query_raw(statement, params).await.unwrap();
+    let mut stream = pin!(stream);
+    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+        on_row(row);
+    }
+}
+
 /// Times one future.
 async fn timed<F: Future<Output = ()>>(work: F) -> Duration {
     let started = Instant::now();
@@ -338,14 +357,11 @@ impl Bench {
                     let conn = engine.connect().await.unwrap();
                     let raw = conn.client();
                     timed(async {
-                        // The fastest hand-written form: rows decoded as they
-                        // arrive, never collected into a Vec<Row> first.
-                        let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
-                        let mut stream = pin!(stream);
                         let mut users: Vec<User> = Vec::new();
-                        while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
-                            users.push(user_from_row(&row));
-                        }
+                        each_raw_row(raw, &statement, std::iter::empty::<i32>(), |row| {
+                            users.push(user_from_row(&row))
+                        })
+                        .await;
                         assert_eq!(users.len(), rows);
                     })
                     .await
@@ -504,12 +520,11 @@ impl Bench {
                 let conn = engine.connect().await.unwrap();
                 let raw = conn.client();
                 timed(async {
-                    let stream = raw.query_raw(&statement, [posts]).await.unwrap();
-                    let mut stream = pin!(stream);
                     let mut loaded: Vec<(Post, User)> = Vec::new();
-                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
-                        loaded.push((post_from_row_at(&row, 0), user_from_row_at(&row, 4)));
-                    }
+                    each_raw_row(raw, &statement, [posts], |row| {
+                        loaded.push((post_from_row_at(&row, 0), user_from_row_at(&row, 4)))
+                    })
+                    .await;
                     assert_eq!(loaded.len(), posts as usize);
                 })
                 .await
@@ -566,10 +581,8 @@ impl Bench {
                 let conn = engine.connect().await.unwrap();
                 let raw = conn.client();
                 timed(async {
-                    let stream = raw.query_raw(&statement, [users]).await.unwrap();
-                    let mut stream = pin!(stream);
                     let mut loaded: Vec<(User, Vec<Post>)> = Vec::new();
-                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                    each_raw_row(raw, &statement, [users], |row| {
                         let user_id: i64 = row.get(0);
                         if loaded.last().is_none_or(|(user, _)| user.id != user_id) {
                             loaded.push((user_from_row(&row), Vec::new()));
@@ -578,7 +591,8 @@ impl Bench {
                             let (_, posts) = loaded.last_mut().expect("pushed above");
                             posts.push(post_from_row_at(&row, 4));
                         }
-                    }
+                    })
+                    .await;
                     assert_eq!(loaded.len(), users as usize);
                 })
                 .await
@@ -886,15 +900,14 @@ impl Bench {
                 let mut seen = 0usize;
                 let mut peak = 0;
                 let took = timed(async {
-                    let stream = raw.query_raw(&statement, std::iter::empty::<i32>()).await.unwrap();
-                    let mut stream = pin!(stream);
-                    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await.unwrap() {
+                    each_raw_row(raw, &statement, std::iter::empty::<i32>(), |row| {
                         seen += 1;
                         if seen % 50_000 == 0 {
                             peak = peak.max(resident_kib());
                         }
                         std::hint::black_box(user_from_row(&row));
-                    }
+                    })
+                    .await;
                 })
                 .await;
                 assert_eq!(seen, rows);

@@ -239,19 +239,19 @@ impl<M: Model> Identities<M> {
         self.slots.get(key).map(|&slot| self.kept.handle(slot))
     }
 
-    /// The object for `key`, or else the one `track` makes, put in the map
-    /// under `key`: one probe either way. The flag tells whether the object
-    /// was there already.
+    /// The object for `key`, or else the one `track` (given the key) makes,
+    /// put in the map under `key`: one probe either way. The flag tells
+    /// whether the object was there already.
     pub(crate) fn get_or_insert_with(
         &mut self,
         key: M::PrimaryKey,
-        track: impl FnOnce() -> Result<Tracked<M>>,
+        track: impl FnOnce(&M::PrimaryKey) -> Result<Tracked<M>>,
     ) -> Result<(Tracked<M>, bool)> {
         self.index();
         match self.slots.entry(key) {
             Entry::Occupied(entry) => Ok((self.kept.handle(*entry.get()), true)),
             Entry::Vacant(entry) => {
-                let object = track()?;
+                let object = track(entry.key())?;
                 entry.insert(self.kept.slot_of(&object));
                 Ok((object, false))
             }

@@ -563,8 +563,15 @@ impl<S: Selection, J: Joined> JoinMerger<'_, S, J> {
     /// Tracks the gathered objects in one block per side and appends the
     /// pending rows, in order, their handles counted ahead.
     fn flush(&mut self, out: &mut Vec<(S::Output, J::Output)>) {
-        let left_uses = self.pending.iter().filter(|(left, _)| left.is_gathering()).count();
-        let right_uses = self.pending.iter().filter(|(_, right)| right.is_gathering()).count();
+        let (left_uses, right_uses) = self
+            .pending
+            .iter()
+            .fold((0, 0), |(left_uses, right_uses), (left, right)| {
+                (
+                    left_uses + usize::from(left.is_gathering()),
+                    right_uses + usize::from(right.is_gathering()),
+                )
+            });
         let mut left_block = S::finish_gathering(&mut self.left, left_uses);
         let mut right_block = self.right.finish(right_uses);
         out.extend(self.pending.drain(..).map(|(left, right)| {

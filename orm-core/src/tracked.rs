@@ -274,13 +274,10 @@ pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -
 
 /// Handles to every object of a block, in order, their references to the
 /// block taken in one step.
-pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> + '_ {
+pub(crate) fn handles<M>(block: &Block<M>) -> impl Iterator<Item = Tracked<M>> {
     (0..)
         .zip(block.clones(block.len()))
-        .map(|(index, block): (u32, _)| Tracked {
-            block,
-            index: index as usize,
-        })
+        .map(|(index, block)| Tracked::from_counted(block, index))
 }
 
 /// A handle to an object tracked by a session, shared by the session's
@@ -345,11 +342,7 @@ impl<M> Tracked<M> {
     /// A handle to the object at `index` in `block`.
     #[inline]
     pub(crate) fn in_block(block: &Block<M>, index: u32) -> Tracked<M> {
-        debug_assert!(index == 0 || matches!(block.objects, Objects::Many(_)));
-        Tracked {
-            block: block.clone(),
-            index: index as usize,
-        }
+        Tracked::from_counted(block.clone(), index as usize)
     }
 
     /// The handle to the object at `index` of the block that `block`, a

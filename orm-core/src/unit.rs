@@ -135,8 +135,9 @@ impl<M: Model> TableState<M> {
             return merge_known(deleted, row, offset);
         }
         let owner = &self.owner;
-        let (object, known) = self.identity.get_or_insert_with(key, || {
-            Ok(track_one(M::from_row_at(row, offset)?, ObjectStatus::Persistent, owner))
+        let (object, known) = self.identity.get_or_insert_with(key, |key| {
+            let value = M::from_row_with_key(row, offset, key.clone())?;
+            Ok(track_one(value, ObjectStatus::Persistent, owner))
         })?;
         if known {
             merge_known(object, row, offset)

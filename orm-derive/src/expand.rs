@@ -168,11 +168,17 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         )
     };
 
-    let mut pk_decodes = primary_key.iter().map(|(position, column)| {
+    // Decodes the column at `position` of a row whose model's columns start
+    // at `offset`, spanned on the field's type so an unsupported type is
+    // reported there.
+    let decode_at = |position: usize, column: &Column<'_>| {
         let ty = column.ty;
         let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
         quote!(#decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position))
-    });
+    };
+    let mut pk_decodes = primary_key
+        .iter()
+        .map(|&(position, column)| decode_at(position, column));
     let pk_decode = if primary_key.len() == 1 {
         pk_decodes.next().unwrap_or_default()
     } else {
@@ -181,14 +187,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
     let decode_fields = model.columns.iter().enumerate().map(|(position, column)| {
         let field = column.ident;
-        let ty = column.ty;
-        let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-        quote!(#field: #decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?,)
+        let decode = decode_at(position, column);
+        quote!(#field: #decode?,)
     });
     // The key's parts, bound by name, for `from_row_with_key` to move into
     // their fields instead of decoding them again.
     let key_parts: Vec<syn::Ident> = (0..primary_key.len())
-        .map(|i| quote::format_ident!("__orm_key_{}", i))
+        .map(|i| format_ident!("__orm_key_{}", i))
         .collect();
     let key_pattern = if key_parts.len() == 1 {
         let part = &key_parts[0];
@@ -204,9 +209,8 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
                 quote!(#field: #part,)
             }
             None => {
-                let ty = column.ty;
-                let decode = quote_spanned!(ty.span()=> #krate::__private::decode_field::<#ty>);
-                quote!(#field: #decode(row, offset + #position, <Self as #krate::Model>::TABLE, #position)?,)
+                let decode = decode_at(position, column);
+                quote!(#field: #decode?,)
             }
         }
     });

@@ -186,3 +186,16 @@ impl tracing::Subscriber for Recorder {
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// Asserts that `result` failed with a type mismatch naming `table.column`.
+#[track_caller]
+pub fn assert_type_mismatch<T: std::fmt::Debug>(result: orm::Result<T>, table: &str, column: &str) {
+    match result {
+        Err(orm::Error::TypeMismatch {
+            table: got_table,
+            column: got_column,
+            ..
+        }) => assert_eq!((got_table.as_str(), got_column.as_str()), (table, column)),
+        other => panic!("expected a type mismatch on {table}.{column}, got {other:?}"),
+    }
+}

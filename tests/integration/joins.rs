@@ -682,12 +682,7 @@ async fn a_join_failing_on_a_row_names_the_column_and_keeps_the_rows_before() {
         .order_by(ViewPost::id)
         .all()
         .await;
-    match failed {
-        Err(Error::TypeMismatch { table, column, .. }) => {
-            assert_eq!((table.as_str(), column.as_str()), ("view_posts", "title"));
-        }
-        other => panic!("expected a type mismatch on view_posts.title, got {other:?}"),
-    }
+    crate::common::assert_type_mismatch(failed, "view_posts", "title");
 
     let echo = EchoCapture::start();
     for id in [1, 64, 65, 99] {

@@ -702,10 +702,7 @@ async fn a_column_of_another_type_is_a_type_mismatch_naming_it() {
         .await;
     db.execute("INSERT INTO authors VALUES (1, 42)").await;
     let mut session = sessionmaker(&db.engine).session();
-    match session.get::<Author>(1).await.unwrap_err() {
-        Error::TypeMismatch { table, column, .. } => assert_eq!((table.as_str(), column.as_str()), ("authors", "name")),
-        other => panic!("expected a type mismatch, got {other:?}"),
-    }
+    crate::common::assert_type_mismatch(session.get::<Author>(1).await, "authors", "name");
     // Decoding failed on this side: the session's transaction is intact.
     assert_eq!(session.query::<Author>().count().await.unwrap(), 1);
 }
