@@ -2,16 +2,16 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool::managed::{Metrics, RecycleResult};
+use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::error::{Error, Result};
-use crate::sql::SqlCache;
-use crate::types::Param;
+use crate::sql::{Rendered, SqlCache};
 use crate::url::DatabaseUrl;
 
 /// Creates an engine for `url` with default options; see [`Engine::builder`]
@@ -31,7 +31,7 @@ pub struct Engine {
 
 struct EngineInner {
     url: DatabaseUrl,
-    pool: Pool,
+    pool: deadpool::managed::Pool<ConnectionManager>,
     pool_timeout: Duration,
     connect_timeout: Option<Duration>,
     echo: bool,
@@ -162,7 +162,7 @@ impl EngineBuilder {
             };
             config.options(&options);
         }
-        let manager = Manager::from_config(
+        let manager = ConnectionManager(deadpool_postgres::Manager::from_config(
             config,
             NoTls,
             // No health-check query on every checkout: a dead connection shows
@@ -170,9 +170,9 @@ impl EngineBuilder {
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
-        );
+        ));
         let connect_timeout = self.connect_timeout.or(url.connect_timeout);
-        let pool = Pool::builder(manager)
+        let pool = deadpool::managed::Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.pool_timeout))
             .create_timeout(connect_timeout)
@@ -195,14 +195,86 @@ impl EngineBuilder {
     }
 }
 
+/// Opens and recycles connections as deadpool-postgres does, and gives each
+/// its own table of statements prepared for the engine's cached SQL.
+pub(crate) struct ConnectionManager(deadpool_postgres::Manager);
+
+impl deadpool::managed::Manager for ConnectionManager {
+    type Type = PooledClient;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> std::result::Result<PooledClient, tokio_postgres::Error> {
+        Ok(PooledClient(Box::new(ClientState {
+            client: self.0.create().await?,
+            prepared: Mutex::new(Vec::new()),
+        })))
+    }
+
+    async fn recycle(&self, conn: &mut PooledClient, metrics: &Metrics) -> RecycleResult<tokio_postgres::Error> {
+        self.0.recycle(&mut conn.0.client, metrics).await
+    }
+
+    fn detach(&self, conn: &mut PooledClient) {
+        self.0.detach(&mut conn.0.client);
+    }
+}
+
+/// A connection checked out of an engine's pool; it goes back when dropped.
+pub(crate) type PooledConnection = deadpool::managed::Object<ConnectionManager>;
+
+/// A pooled connection: the driver's client with deadpool's statement cache
+/// (for SQL written by hand), and the statements prepared for the engine's
+/// cached SQL, found by the text's number rather than by hashing the text.
+///
+/// Boxed, so that the pool moves a pointer: every checkout and return moves
+/// the connection several times, and moving it whole cost a third of a
+/// checkout.
+pub(crate) struct PooledClient(Box<ClientState>);
+
+struct ClientState {
+    client: ClientWrapper,
+    prepared: Mutex<Vec<Option<Statement>>>,
+}
+
+impl std::ops::Deref for PooledClient {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        &self.0.client
+    }
+}
+
+impl PooledClient {
+    fn prepared(&self, slot: u32) -> Option<Statement> {
+        let prepared = self.0.prepared.lock().unwrap_or_else(PoisonError::into_inner);
+        prepared.get(slot as usize).and_then(Clone::clone)
+    }
+
+    fn keep_prepared(&self, slot: u32, statement: Statement) {
+        let mut prepared = self.0.prepared.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = slot as usize;
+        if prepared.len() <= slot {
+            prepared.resize(slot + 1, None);
+        }
+        prepared[slot] = Some(statement);
+    }
+
+    /// Forgets every statement prepared on this connection, so each is
+    /// prepared again when next used.
+    fn forget_prepared(&self) {
+        self.0.client.statement_cache.clear();
+        self.0.prepared.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+}
+
 /// A pooled connection that, unless taken back out, is closed when dropped
 /// instead of returning to the pool: for connections in an unknown state.
-pub(crate) struct DetachOnDrop(pub(crate) Option<deadpool_postgres::Object>);
+pub(crate) struct DetachOnDrop(pub(crate) Option<PooledConnection>);
 
 impl Drop for DetachOnDrop {
     fn drop(&mut self) {
         if let Some(conn) = self.0.take() {
-            drop(deadpool_postgres::Object::take(conn));
+            drop(PooledConnection::take(conn));
         }
     }
 }
@@ -267,7 +339,7 @@ impl Engine {
         })
     }
 
-    pub(crate) async fn checkout(&self) -> Result<deadpool_postgres::Object> {
+    pub(crate) async fn checkout(&self) -> Result<PooledConnection> {
         // First without waiting: when a connection is free (the usual case)
         // this skips arming the wait timer. Only a full pool waits, with the
         // configured timeout.
@@ -313,7 +385,7 @@ impl Engine {
 /// A pooled connection for plain SQL (SQLAlchemy Core's `engine.connect()`).
 /// Values always travel as bind parameters (`$1`, `$2`, ...).
 pub struct Connection {
-    client: deadpool_postgres::Object,
+    client: PooledConnection,
     echo: bool,
 }
 
@@ -349,7 +421,7 @@ impl Connection {
 
 /// Runs statements on one client: prepared-statement cache, error mapping and echo.
 pub(crate) struct Executor<'c> {
-    client: &'c deadpool_postgres::ClientWrapper,
+    client: &'c PooledClient,
     echo: bool,
     /// Set while a session's BEGIN is decided but not yet sent: the next
     /// statement carries it in the same round trip. Cleared just before it
@@ -358,7 +430,7 @@ pub(crate) struct Executor<'c> {
 }
 
 impl<'c> Executor<'c> {
-    pub(crate) fn new(client: &'c deadpool_postgres::ClientWrapper, echo: bool) -> Self {
+    pub(crate) fn new(client: &'c PooledClient, echo: bool) -> Self {
         Executor {
             client,
             echo,
@@ -394,7 +466,7 @@ impl<'c> Executor<'c> {
                 // prepared its statements: prepare them again from the next
                 // call on. This call has failed (and aborted its
                 // transaction), as SQLAlchemy's asyncpg dialect does.
-                self.client.statement_cache.clear();
+                self.client.forget_prepared();
             }
         }
         began?;
@@ -421,9 +493,9 @@ impl<'c> Executor<'c> {
         result
     }
 
-    pub(crate) async fn query(&self, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
+    pub(crate) async fn query(&self, rendered: &Rendered) -> Result<Vec<Row>> {
         let mut rows = Vec::new();
-        self.for_each_row(sql, params, |row| {
+        self.for_each_row(rendered, |row| {
             rows.push(row);
             Ok(())
         })
@@ -431,26 +503,35 @@ impl<'c> Executor<'c> {
         Ok(rows)
     }
 
-    /// Runs a query and hands each row to `on_row` as it arrives, without
-    /// collecting the rows first.
-    pub(crate) async fn for_each_row(
-        &self,
-        sql: &str,
-        params: &[Param],
-        on_row: impl FnMut(Row) -> Result<()>,
-    ) -> Result<()> {
-        self.pipelined(move || self.for_each_row_now(sql, params, on_row)).await
+    /// The statement prepared on this connection for `rendered`'s text:
+    /// found by the text's number in the engine's cache, or prepared now.
+    async fn statement(&self, rendered: &Rendered) -> Result<Statement> {
+        let Some(slot) = rendered.slot else {
+            return self
+                .client
+                .prepare_cached(&rendered.sql)
+                .await
+                .map_err(Error::from_driver);
+        };
+        if let Some(statement) = self.client.prepared(slot) {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(&rendered.sql).await.map_err(Error::from_driver)?;
+        self.client.keep_prepared(slot, statement.clone());
+        Ok(statement)
     }
 
-    async fn for_each_row_now(
-        &self,
-        sql: &str,
-        params: &[Param],
-        mut on_row: impl FnMut(Row) -> Result<()>,
-    ) -> Result<()> {
-        let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
+    /// Runs a query and hands each row to `on_row` as it arrives, without
+    /// collecting the rows first.
+    pub(crate) async fn for_each_row(&self, rendered: &Rendered, on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
+        self.pipelined(move || self.for_each_row_now(rendered, on_row)).await
+    }
+
+    async fn for_each_row_now(&self, rendered: &Rendered, mut on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
+        let statement = self.statement(rendered).await?;
+        let params = &rendered.params;
         let stream = self
-            .echoed(sql, params.len(), || {
+            .echoed(&rendered.sql, params.len(), || {
                 self.client
                     .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
             })
@@ -468,12 +549,14 @@ impl<'c> Executor<'c> {
         }
     }
 
-    pub(crate) async fn execute(&self, sql: &str, params: &[Param]) -> Result<u64> {
+    pub(crate) async fn execute(&self, rendered: &Rendered) -> Result<u64> {
         self.pipelined(move || async move {
-            let statement = self.client.prepare_cached(sql).await.map_err(Error::from_driver)?;
-            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            self.echoed(sql, params.len(), || self.client.execute_raw(&statement, params))
-                .await
+            let statement = self.statement(rendered).await?;
+            let params = rendered.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            self.echoed(&rendered.sql, params.len(), || {
+                self.client.execute_raw(&statement, params)
+            })
+            .await
         })
         .await
     }

@@ -288,6 +288,11 @@ impl<M: Model> Selection for M {
         out.push(M::TABLE);
     }
 
+    // One allocation, not two: the default gathers the tables first.
+    fn projection() -> Vec<Expr> {
+        vec![Expr::AllColumns(M::TABLE)]
+    }
+
     fn width() -> usize {
         M::TABLE.columns.len()
     }
@@ -302,8 +307,8 @@ impl<M: Model> Selection for M {
         IdentityMap {
             had_objects,
             unindexed: !had_objects,
+            fresh: std::mem::take(&mut state.spare_rows),
             state,
-            fresh: FreshRows::default(),
         }
     }
 
@@ -339,6 +344,7 @@ impl<M: Model> Selection for M {
 
     fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Tracked<M>>) {
         merger.state.track_fresh(&mut merger.fresh, merger.unindexed, out);
+        merger.state.spare_rows = std::mem::take(&mut merger.fresh);
     }
 
     #[inline]

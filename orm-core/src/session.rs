@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::engine::{DetachOnDrop, Engine, Executor};
+use crate::engine::{DetachOnDrop, Engine, Executor, PooledConnection};
 use crate::error::{Error, Result};
 use crate::metadata::parents_first;
 use crate::model::Model;
@@ -109,7 +109,7 @@ impl SessionMaker {
 pub struct Session {
     engine: Engine,
     config: SessionConfig,
-    conn: Option<deadpool_postgres::Object>,
+    conn: Option<PooledConnection>,
     /// A transaction is open, or decided and about to open.
     in_transaction: bool,
     /// The transaction's BEGIN has not been sent yet: it goes out with the
@@ -325,7 +325,7 @@ impl Session {
     /// Closes the connection instead of pooling it: its state is unknown.
     fn discard_connection(&mut self) {
         if let Some(conn) = self.conn.take() {
-            drop(deadpool_postgres::Object::take(conn));
+            drop(PooledConnection::take(conn));
         }
     }
 
@@ -509,8 +509,9 @@ impl Session {
             .render_fixed(&[GET_BY_KEY, std::ptr::from_ref(table) as u64], || {
                 select_all::<M>(Some(primary_key_filter(table, M::primary_key_params(&key))))
             });
-        let params = M::primary_key_params(&key);
-        let found = self.load_rendered::<M>(Rendered { sql, params }).await?;
+        let found = self
+            .load_rendered::<M>(sql.with_params(M::primary_key_params(&key)))
+            .await?;
         Ok(found.into_iter().next())
     }
 
@@ -590,9 +591,7 @@ impl Session {
         self.busy = true;
         let mut objects = Vec::new();
         let result = exec
-            .for_each_row(&writer.sql, &writer.params, |row| {
-                S::merge(&mut merger, &row, &mut objects)
-            })
+            .for_each_row(&writer, |row| S::merge(&mut merger, &row, &mut objects))
             .await;
         S::finish(&mut merger, &mut objects);
         // Ends the loan of the identity maps before the session is used again.
@@ -609,10 +608,7 @@ impl Session {
         self.prepare_read().await?;
         let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
-        let result = self
-            .executor()
-            .for_each_row(&writer.sql, &writer.params, |row| on_row(&row))
-            .await;
+        let result = self.executor().for_each_row(&writer, |row| on_row(&row)).await;
         self.finish_read(result).await
     }
 
@@ -621,7 +617,7 @@ impl Session {
         self.prepare_read().await?;
         let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
-        let result = self.executor().query(&writer.sql, &writer.params).await;
+        let result = self.executor().query(&writer).await;
         self.finish_read(result).await
     }
 
@@ -754,7 +750,7 @@ impl Drop for Session {
 /// Rolls back a connection left inside a transaction and then pools it
 /// again; if that cannot happen (no runtime, the ROLLBACK fails, the task is
 /// dropped), the connection is closed instead and the server rolls back.
-fn release_after_rollback(conn: deadpool_postgres::Object) {
+fn release_after_rollback(conn: PooledConnection) {
     let mut guard = DetachOnDrop(Some(conn));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {

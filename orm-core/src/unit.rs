@@ -61,6 +61,10 @@ pub(crate) struct TableState<M: Model> {
     planned_updates: Option<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>>>,
     /// Shared with every object tracked here; see [`Owner`].
     pub(crate) owner: Arc<Owner>,
+    /// The room the last load held rows back in, emptied, for the next
+    /// load to reuse: a session making many small loads (gets) allocates
+    /// it once.
+    pub(crate) spare_rows: FreshRows<M>,
 }
 
 impl<M: Model> Default for TableState<M> {
@@ -72,6 +76,7 @@ impl<M: Model> Default for TableState<M> {
             flushed_deletes: Vec::new(),
             planned_updates: None,
             owner: Owner::new(),
+            spare_rows: FreshRows::default(),
         }
     }
 }
@@ -437,7 +442,7 @@ impl<M: Model> Inserting<'_, M> {
                     returning: returning_names.clone(),
                 }
                 .cached(cache);
-                let rows = exec.query(&writer.sql, &writer.params).await?;
+                let rows = exec.query(&writer).await?;
                 let row = rows.first().ok_or_else(|| Error::NotFound {
                     table: table.name.to_owned(),
                 })?;
@@ -499,12 +504,12 @@ impl<M: Model> Inserting<'_, M> {
         .cached(cache);
 
         if returning.is_empty() {
-            let inserted = exec.execute(&writer.sql, &writer.params).await?;
+            let inserted = exec.execute(&writer).await?;
             check_count(table, "insert", objects.len(), inserted)?;
             return self.mark_inserted(&objects, &versions);
         }
 
-        let rows = exec.query(&writer.sql, &writer.params).await?;
+        let rows = exec.query(&writer).await?;
         check_count(table, "insert", objects.len(), rows.len() as u64)?;
         if let Some(identity) = identity {
             // Rows were inserted in the objects' order (ORDER BY ordinal), and
@@ -800,7 +805,7 @@ async fn reserve_keys(
         count: ParamValue::new(Box::new(count as i64)),
     }
     .cached(cache);
-    let rows = exec.query(&reserve.sql, &reserve.params).await?;
+    let rows = exec.query(&reserve).await?;
     let keys: Option<Vec<i64>> = match rows.first() {
         Some(row) => row.try_get(0).map_err(|source| Error::TypeMismatch {
             table: table.name.to_owned(),
@@ -1015,7 +1020,7 @@ impl<M: Model> TableUnit for TableState<M> {
                     }
                     .cached(cache)
                 };
-                let updated = exec.execute(&writer.sql, &writer.params).await?;
+                let updated = exec.execute(&writer).await?;
                 check_count(table, "update", objects.len(), updated)?;
                 for (object, version) in objects.iter().zip(versions) {
                     self.settle(object, version)?;
@@ -1043,7 +1048,7 @@ impl<M: Model> TableUnit for TableState<M> {
                 }
                 .cached(cache)
             };
-            let removed = exec.execute(&writer.sql, &writer.params).await?;
+            let removed = exec.execute(&writer).await?;
             check_count(table, "delete", deleted.len(), removed)?;
             for (_, object) in std::mem::take(&mut self.deleted) {
                 object.meta().set_status(ObjectStatus::Deleted);

@@ -371,6 +371,76 @@ async fn a_limit_or_offset_beyond_bigint_is_an_error_naming_it() {
     assert_eq!(session.query::<User>().limit(i64::MAX as u64).count().await.unwrap(), 4);
 }
 
+/// A connection keeps the statement it prepared for each cached text, by
+/// the text's number in the engine's cache: statements of many shapes,
+/// interleaved on one connection, each get their own rows, and running them
+/// again prepares nothing more on the server.
+#[tokio::test]
+async fn a_connection_prepares_each_shape_once_and_never_mixes_them_up() {
+    let db = crate::common::test_db_with(|builder| builder.pool_size(1)).await;
+    crate::models::TestBase::create_all(&db.engine).await.unwrap();
+    let mut session = sessionmaker(&db.engine).autocommit(true).session();
+    session.add_all(["sandy", "patrick", "squidward", "gary"].map(User::new));
+    session.flush().await.unwrap();
+
+    async fn run_shape(session: &mut Session, shape: usize) -> Vec<String> {
+        let query = session.query::<User>();
+        let users = match shape {
+            0 => query.order_by(User::name).all().await,
+            1 => query.filter(User::name.eq("gary")).all().await,
+            2 => query.filter(User::name.ne("gary")).order_by(User::name).all().await,
+            3 => query.order_by(User::name).limit(2).all().await,
+            4 => query.order_by(User::name).offset(3).all().await,
+            _ => {
+                query
+                    .filter(User::email.is_null())
+                    .order_by(User::name.desc())
+                    .all()
+                    .await
+            }
+        };
+        names(&users.unwrap())
+    }
+    let expected = |shape: usize| -> Vec<&str> {
+        match shape {
+            0 => vec!["gary", "patrick", "sandy", "squidward"],
+            1 => vec!["gary"],
+            2 => vec!["patrick", "sandy", "squidward"],
+            3 => vec!["gary", "patrick"],
+            4 => vec!["squidward"],
+            _ => vec!["squidward", "sandy", "patrick", "gary"],
+        }
+    };
+    // The names of the selects of users the connection keeps prepared, one
+    // per distinct text (a statement prepared again gets a new name).
+    async fn selects_prepared(session: &mut Session) -> Vec<String> {
+        let rows = session
+            .raw_query(
+                "SELECT name, count(*) OVER (PARTITION BY statement) FROM pg_prepared_statements \
+                 WHERE statement LIKE 'SELECT %FROM \"users\"%' AND statement NOT LIKE '%pg_prepared%' \
+                 ORDER BY name",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(
+            rows.iter().all(|row| row.get::<_, i64>(1) == 1),
+            "a text prepared twice"
+        );
+        rows.iter().map(|row| row.get(0)).collect()
+    }
+    for shape in 0..6 {
+        assert_eq!(run_shape(&mut session, shape).await, expected(shape), "shape {shape}");
+    }
+    let prepared = selects_prepared(&mut session).await;
+    assert_eq!(prepared.len(), 6);
+    // Again, in another order: the same statements, nothing prepared anew.
+    for shape in [5, 3, 1, 0, 4, 2, 2, 5] {
+        assert_eq!(run_shape(&mut session, shape).await, expected(shape), "shape {shape}");
+    }
+    assert_eq!(selects_prepared(&mut session).await, prepared);
+}
+
 #[tokio::test]
 async fn each_shape_of_statement_is_rendered_once_per_engine() {
     let (db, mut session) = seeded().await;

@@ -848,9 +848,14 @@ mod tests {
             let rendered = cache.render(and_of(n));
             assert_eq!(rendered.params.len(), n);
             assert!(rendered.sql.ends_with(&format!("<> ${n})")) || n == 1, "{n}");
+            // Connections find their prepared statements by these numbers:
+            // one per cached text, dense, and none for texts not kept.
+            let expected_slot = (n <= 8).then(|| n as u32 - 1);
+            assert_eq!(rendered.slot, expected_slot, "{n}");
         }
         assert_eq!(cache.len(), 8);
         assert_eq!(cache.render(and_of(18)).params.len(), 18);
-        assert_eq!(cache.render(and_of(3)).params.len(), 3);
+        let again = cache.render(and_of(3));
+        assert_eq!((again.params.len(), again.slot), (3, Some(2)));
     }
 }

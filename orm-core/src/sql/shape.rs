@@ -248,6 +248,27 @@ pub struct Rendered {
     pub sql: Arc<str>,
     /// The bound values, `$1` first.
     pub params: Vec<Param>,
+    /// The text's number in the cache, if the cache keeps it: each pooled
+    /// connection finds the statement it prepared for the text by this
+    /// number, without hashing the text.
+    pub(crate) slot: Option<u32>,
+}
+
+/// A text kept by the cache, and its number there; see [`Rendered::slot`].
+pub(crate) struct CachedSql {
+    pub(crate) sql: Arc<str>,
+    pub(crate) slot: Option<u32>,
+}
+
+impl CachedSql {
+    /// The text with its bound values.
+    pub(crate) fn with_params(self, params: Vec<Param>) -> Rendered {
+        Rendered {
+            sql: self.sql,
+            params,
+            slot: self.slot,
+        }
+    }
 }
 
 impl std::fmt::Debug for Rendered {
@@ -257,6 +278,11 @@ impl std::fmt::Debug for Rendered {
             .field("params", &self.params.len())
             .finish()
     }
+}
+
+thread_local! {
+    /// The buffer [`SqlCache::render`] collects shapes into, reused.
+    static SHAPE_BUFFER: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Beyond this many shapes, new ones are rendered every time instead of
@@ -269,7 +295,9 @@ const CAPACITY: usize = 4096;
 pub struct SqlCache {
     dialect: PgDialect,
     capacity: usize,
-    rendered: RwLock<HashMap<Shape, Arc<str>, foldhash::fast::RandomState>>,
+    /// Each text with its number: the count of texts cached before it, so
+    /// numbers are dense and never reused (nothing is ever evicted).
+    rendered: RwLock<HashMap<Shape, (Arc<str>, u32), foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for SqlCache {
@@ -301,15 +329,21 @@ impl SqlCache {
     /// The statement's text, rendered now only if its shape is new, and its
     /// bound values.
     pub fn render(&self, mut statement: impl Statement) -> Rendered {
-        // Room for a typical statement's shape without regrowing.
-        let mut shape = Shape(Vec::with_capacity(64));
+        // The words are collected into a buffer the thread keeps, so a
+        // statement whose shape is cached allocates nothing for it.
+        let mut shape = Shape(SHAPE_BUFFER.take());
+        shape.0.clear();
         let mut params = Vec::new();
         statement.collect(&mut shape, &mut params);
-        if let Some(sql) = self.lookup(&shape.0) {
-            return Rendered { sql, params };
+        let sql = match self.lookup(&shape.0) {
+            Some(sql) => sql,
+            None => self.write(Shape(shape.0.clone()), &statement),
+        };
+        // A huge statement's buffer is let go rather than kept for good.
+        if shape.0.capacity() <= 1024 {
+            SHAPE_BUFFER.set(shape.0);
         }
-        let sql = self.write(shape, &statement);
-        Rendered { sql, params }
+        sql.with_params(params)
     }
 
     /// The text of a statement whose shape the caller names by `key`,
@@ -318,7 +352,7 @@ impl SqlCache {
     /// key), so the hot path skips the AST altogether. Keys start with a
     /// word no statement's shape starts with (>= 1000), so the two kinds of
     /// key cannot meet.
-    pub(crate) fn render_fixed<S: Statement>(&self, key: &[u64], build: impl FnOnce() -> S) -> Arc<str> {
+    pub(crate) fn render_fixed<S: Statement>(&self, key: &[u64], build: impl FnOnce() -> S) -> CachedSql {
         debug_assert!(key.first().is_some_and(|&word| word >= 1000));
         if let Some(sql) = self.lookup(key) {
             return sql;
@@ -329,23 +363,35 @@ impl SqlCache {
         self.write(Shape(key.to_vec()), &statement)
     }
 
-    fn lookup(&self, key: &[u64]) -> Option<Arc<str>> {
+    fn lookup(&self, key: &[u64]) -> Option<CachedSql> {
         self.rendered
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(key)
-            .map(Arc::clone)
+            .map(|(sql, slot)| CachedSql {
+                sql: Arc::clone(sql),
+                slot: Some(*slot),
+            })
     }
 
-    fn write(&self, shape: Shape, statement: &impl Statement) -> Arc<str> {
+    fn write(&self, shape: Shape, statement: &impl Statement) -> CachedSql {
         let mut writer = SqlWriter::default();
         statement.write_sql(&self.dialect, &mut writer);
         let sql: Arc<str> = writer.sql.into();
         let mut rendered = self.rendered.write().unwrap_or_else(PoisonError::into_inner);
-        if rendered.len() < self.capacity {
-            rendered.insert(shape, Arc::clone(&sql));
+        let count = rendered.len();
+        if count >= self.capacity {
+            return CachedSql { sql, slot: None };
         }
-        sql
+        // Another session may have cached the shape meanwhile: its entry,
+        // and its number, stay.
+        let (sql, slot) = rendered
+            .entry(shape)
+            .or_insert_with(|| (sql, u32::try_from(count).expect("the capacity fits in u32")));
+        CachedSql {
+            sql: Arc::clone(sql),
+            slot: Some(*slot),
+        }
     }
 
     /// How many shapes are cached.
