@@ -134,12 +134,14 @@ impl<M> KeptBlocks<M> {
 /// A load whose keys arrive in strictly ascending order (a query ordered by
 /// the key, or a table read in the order it was filled) can repeat no key,
 /// so if the map was empty when it began, its blocks need no hashing while
-/// rows stream in: they are kept *unindexed*, with their keys, and hashed
-/// on the first lookup or change. A read-only session never pays for it.
+/// rows stream in: they are kept *unindexed*, with their keys, in
+/// ascending order. Lookups search those keys by bisection; the first change
+/// hashes them. A read-only session never pays for hashing, and a key out of
+/// order (a join's last row bringing the first author) is hashed alone.
 pub(crate) struct Identities<M: Model> {
     slots: HashMap<M::PrimaryKey, Slot, foldhash::fast::RandomState>,
     /// Blocks kept but not in `slots` yet, in load order.
-    unindexed: Vec<u32>,
+    unindexed: Vec<UnindexedBlock>,
     /// The keys of the unindexed blocks' objects, block after block: one
     /// list rather than one per block, which cost an allocation each. No
     /// key among them repeats, nor is any in `slots`.
@@ -147,6 +149,30 @@ pub(crate) struct Identities<M: Model> {
     kept: KeptBlocks<M>,
     /// The block a join is gathering its new objects into.
     gathering: Option<Gathering<M>>,
+    /// The emptied key list of the block gathered last, for the next one:
+    /// a join gathers a block every 64 rows, and growing a new list for
+    /// each cost more than hashing the keys would.
+    spare_keys: Vec<M::PrimaryKey>,
+}
+
+/// An unindexed block: its place in `kept`, and where its keys end in
+/// `unindexed_keys` (they start where the previous block's end).
+#[derive(Clone, Copy)]
+struct UnindexedBlock {
+    id: u32,
+    end: usize,
+}
+
+/// The slot of `key` among the unindexed blocks, by bisection: their keys
+/// ascend.
+fn find_unindexed<K: Ord>(blocks: &[UnindexedBlock], keys: &[K], key: &K) -> Option<Slot> {
+    let position = keys.binary_search(key).ok()?;
+    let block = blocks.partition_point(|block| block.end <= position);
+    let start = block.checked_sub(1).map_or(0, |before| blocks[before].end);
+    Some(Slot {
+        block: blocks[block].id,
+        index: (position - start) as u32,
+    })
 }
 
 /// A block a join gathers: how many objects it will hold, and either their
@@ -158,11 +184,13 @@ struct Gathering<M: Model> {
     place: Option<u32>,
 }
 
-impl<M: Model> Default for Gathering<M> {
-    fn default() -> Self {
+impl<M: Model> Gathering<M> {
+    /// A block with no objects yet, its keys to go in `keys` (empty).
+    fn new(keys: Vec<M::PrimaryKey>) -> Self {
+        debug_assert!(keys.is_empty());
         Gathering {
             len: 0,
-            keys: Vec::new(),
+            keys,
             place: None,
         }
     }
@@ -180,6 +208,7 @@ impl<M: Model> Default for Identities<M> {
                 last: None,
             },
             gathering: None,
+            spare_keys: Vec::new(),
         }
     }
 }
@@ -193,18 +222,10 @@ impl<M: Model> Identities<M> {
         self.len() == 0
     }
 
-    /// Hashes the unindexed blocks' keys, before anything looks a key up or
-    /// changes the map.
+    /// Hashes the unindexed blocks' keys, before anything changes the map.
     #[inline]
     fn index(&mut self) {
         self.debug_assert_not_gathering();
-        self.index_for_gathering();
-    }
-
-    /// [`index`](Self::index), for the one caller that may run while a
-    /// join gathers a block.
-    #[inline]
-    fn index_for_gathering(&mut self) {
         if !self.unindexed.is_empty() {
             self.index_unindexed();
         }
@@ -224,7 +245,7 @@ impl<M: Model> Identities<M> {
     fn index_unindexed(&mut self) {
         self.slots.reserve(self.unindexed_keys.len());
         let mut keys = std::mem::take(&mut self.unindexed_keys).into_iter();
-        for block in std::mem::take(&mut self.unindexed) {
+        for UnindexedBlock { id: block, .. } in std::mem::take(&mut self.unindexed) {
             let len = self.kept.block_at(block).len() as u32;
             for (index, key) in (0..len).zip(keys.by_ref()) {
                 let previous = self.slots.insert(key, Slot { block, index });
@@ -235,8 +256,12 @@ impl<M: Model> Identities<M> {
 
     /// The object for `key`.
     pub(crate) fn get(&mut self, key: &M::PrimaryKey) -> Option<Tracked<M>> {
-        self.index();
-        self.slots.get(key).map(|&slot| self.kept.handle(slot))
+        self.debug_assert_not_gathering();
+        let slot = match self.slots.get(key) {
+            Some(&slot) => slot,
+            None => find_unindexed(&self.unindexed, &self.unindexed_keys, key)?,
+        };
+        Some(self.kept.handle(slot))
     }
 
     /// The object for `key`, or else the one `track` (given the key) makes,
@@ -268,7 +293,9 @@ impl<M: Model> Identities<M> {
     /// While nothing is hashed, a key above every key held is new without
     /// a probe: a join whose rows bring a model in key order (its left side,
     /// ordered by the key) gathers it unindexed, as a load in key order
-    /// does. Any other key hashes what came before first.
+    /// does. Any other key is looked up: among the hashed keys (with the
+    /// block being gathered, hashed first) and, by bisection, among the
+    /// unindexed blocks' keys, which stay unhashed.
     #[inline(always)]
     pub(crate) fn get_or_gather(
         &mut self,
@@ -281,7 +308,9 @@ impl<M: Model> Identities<M> {
             .or_else(|| self.unindexed_keys.last());
         if self.slots.is_empty() && last.is_none_or(|last| key > *last) {
             gather(&key)?;
-            let gathering = self.gathering.get_or_insert_with(Gathering::default);
+            let gathering = self
+                .gathering
+                .get_or_insert_with(|| Gathering::new(std::mem::take(&mut self.spare_keys)));
             let index = gathering.len;
             gathering.len += 1;
             gathering.keys.push(key);
@@ -298,9 +327,13 @@ impl<M: Model> Identities<M> {
         gather: impl FnOnce(&M::PrimaryKey) -> Result<()>,
     ) -> Result<Pending<Tracked<M>>> {
         self.hash_gathering();
-        self.index_for_gathering();
         let Identities {
-            slots, kept, gathering, ..
+            slots,
+            kept,
+            gathering,
+            spare_keys,
+            unindexed,
+            unindexed_keys,
         } = self;
         match slots.entry(key) {
             Entry::Occupied(entry) => {
@@ -311,8 +344,13 @@ impl<M: Model> Identities<M> {
                 })
             }
             Entry::Vacant(entry) => {
+                // Kept unindexed by an earlier block: found without hashing
+                // that block's keys.
+                if let Some(slot) = find_unindexed(unindexed, unindexed_keys, entry.key()) {
+                    return Ok(Pending::Ready(kept.handle(slot)));
+                }
                 gather(entry.key())?;
-                let gathering = gathering.get_or_insert_with(Gathering::default);
+                let gathering = gathering.get_or_insert_with(|| Gathering::new(std::mem::take(spare_keys)));
                 let place = *gathering.place.get_or_insert_with(|| kept.reserve());
                 let index = gathering.len;
                 gathering.len += 1;
@@ -340,14 +378,17 @@ impl<M: Model> Identities<M> {
     /// back, in order: unindexed if its keys were never hashed, else at the
     /// place its objects' slots name.
     pub(crate) fn finish_gathering(&mut self, block: Block<M>) {
-        let Some(gathering) = self.gathering.take() else {
+        let Some(mut gathering) = self.gathering.take() else {
             unreachable!("a block is being gathered")
         };
         debug_assert_eq!(block.len(), gathering.len as usize);
         match gathering.place {
             Some(place) => self.kept.fill(place, block, gathering.len),
-            None => self.insert_unindexed(gathering.keys.into_iter(), block),
+            None => self.insert_unindexed(gathering.keys.drain(..), block),
         }
+        // Hashing the block's keys (a place) drained them already.
+        debug_assert!(gathering.keys.is_empty());
+        self.spare_keys = gathering.keys;
     }
 
     /// Whether `object` is the map's object for `key`.
@@ -429,7 +470,10 @@ impl<M: Model> Identities<M> {
         self.unindexed_keys.extend(keys);
         debug_assert_eq!(self.unindexed_keys.len() - before, len);
         let id = self.kept.keep(block, len as u32);
-        self.unindexed.push(id);
+        self.unindexed.push(UnindexedBlock {
+            id,
+            end: self.unindexed_keys.len(),
+        });
     }
 
     /// The last key of the unindexed blocks: a load that goes on with a
@@ -441,10 +485,13 @@ impl<M: Model> Identities<M> {
     /// Every entry, with a handle to its object.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Tracked<M>)> + '_ {
         self.debug_assert_not_gathering();
-        let slots = self.unindexed.iter().flat_map(move |&block| {
-            let len = self.kept.block_at(block).len() as u32;
-            (0..len).map(move |index| Slot { block, index })
-        });
+        let slots = self
+            .unindexed
+            .iter()
+            .flat_map(move |&UnindexedBlock { id: block, .. }| {
+                let len = self.kept.block_at(block).len() as u32;
+                (0..len).map(move |index| Slot { block, index })
+            });
         let unindexed = self
             .unindexed_keys
             .iter()
