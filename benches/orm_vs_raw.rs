@@ -181,6 +181,12 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// Samples each side takes at least, however long they take: the median of
+/// fewer moved by several hundredths between runs of the longer workloads
+/// (1,000 gets, streaming), whose samples are each a tenth of a second or
+/// more.
+const MIN_SAMPLES: usize = 15;
+
 /// Both sides' medians, and the median of the ratios of samples taken one
 /// after the other: the machine's speed drifts over seconds (the server's
 /// round trip, other tenants), and a pair of adjacent samples shares its
@@ -210,7 +216,9 @@ where
     raw().await;
     let (mut orm_samples, mut raw_samples) = (Vec::new(), Vec::new());
     let started = Instant::now();
-    while orm_samples.len() < config.samples_cap() && (orm_samples.len() < 5 || started.elapsed() < config.budget * 2) {
+    while orm_samples.len() < config.samples_cap()
+        && (orm_samples.len() < MIN_SAMPLES || started.elapsed() < config.budget * 2)
+    {
         // Alternate which side goes first, so neither always runs on caches
         // the other warmed.
         if orm_samples.len() % 2 == 0 {
