@@ -223,8 +223,9 @@ impl deadpool::managed::Manager for ConnectionManager {
 pub(crate) type PooledConnection = deadpool::managed::Object<ConnectionManager>;
 
 /// A pooled connection: the driver's client with deadpool's statement cache
-/// (for SQL written by hand), and the statements prepared for the engine's
-/// cached SQL, found by the text's number rather than by hashing the text.
+/// (for SQL written by hand, and texts the engine's cache does not keep),
+/// and the statements prepared for the texts the engine's cache keeps,
+/// found by the text's number rather than by hashing the text.
 ///
 /// Boxed, so that the pool moves a pointer: every checkout and return moves
 /// the connection several times, and moving it whole cost a third of a

@@ -135,9 +135,11 @@ impl<M> KeptBlocks<M> {
 /// the key, or a table read in the order it was filled) can repeat no key,
 /// so if the map was empty when it began, its blocks need no hashing while
 /// rows stream in: they are kept *unindexed*, with their keys, in
-/// ascending order. Lookups search those keys by bisection; the first change
-/// hashes them. A read-only session never pays for hashing, and a key out of
-/// order (a join's last row bringing the first author) is hashed alone.
+/// ascending order. Lookups by key (`get`, a join's rows) search those keys
+/// by bisection; anything that changes or scans the map hashes them first.
+/// A read-only session never pays for hashing, and a join row whose key is
+/// out of order (the last row bringing the first author) hashes only the
+/// keys of the block being gathered, not those of the blocks before.
 pub(crate) struct Identities<M: Model> {
     slots: HashMap<M::PrimaryKey, Slot, foldhash::fast::RandomState>,
     /// Blocks kept but not in `slots` yet, in load order.
@@ -222,7 +224,8 @@ impl<M: Model> Identities<M> {
         self.len() == 0
     }
 
-    /// Hashes the unindexed blocks' keys, before anything changes the map.
+    /// Hashes the unindexed blocks' keys, before anything changes or scans
+    /// the map.
     #[inline]
     fn index(&mut self) {
         self.debug_assert_not_gathering();
@@ -388,6 +391,7 @@ impl<M: Model> Identities<M> {
         }
         // Hashing the block's keys (a place) drained them already.
         debug_assert!(gathering.keys.is_empty());
+        gathering.keys.clear();
         self.spare_keys = gathering.keys;
     }
 

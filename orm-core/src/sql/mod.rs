@@ -831,6 +831,44 @@ mod tests {
     }
 
     #[test]
+    fn texts_rendered_at_once_on_several_threads_get_distinct_dense_numbers() {
+        let cache = SqlCache::default();
+        // Shapes 1..=40 (an AND of n terms), each rendered by four threads
+        // at once, in different orders.
+        let and_of = |n: usize| SelectStatement {
+            projection: vec![col("users", "id")],
+            from: "users",
+            filter: Some(Expr::And(
+                (0..n)
+                    .map(|i| Expr::Binary(Box::new(col("users", "id")), BinaryOp::Ne, Box::new(param(i as i64))))
+                    .collect(),
+            )),
+            ..SelectStatement::default()
+        };
+        let numbers: Vec<Vec<(usize, u32)>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|thread| {
+                    let (cache, and_of) = (&cache, &and_of);
+                    scope.spawn(move || {
+                        (1..=40)
+                            .map(|i| if thread % 2 == 0 { i } else { 41 - i })
+                            .map(|n| (n, cache.render(and_of(n)).slot.expect("kept")))
+                            .collect()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+        });
+        let mut by_shape = std::collections::BTreeMap::new();
+        for (n, slot) in numbers.into_iter().flatten() {
+            assert_eq!(*by_shape.entry(n).or_insert(slot), slot, "shape {n} got two numbers");
+        }
+        let mut slots: Vec<u32> = by_shape.into_values().collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..40).collect::<Vec<u32>>());
+    }
+
+    #[test]
     fn beyond_its_capacity_the_cache_still_renders_but_stops_growing() {
         let cache = SqlCache::with_capacity(8);
         // Shapes built in a loop: an AND of n terms is a new shape for each n.

@@ -7,6 +7,7 @@
 //! by address and length: the same address and length is the same text, and
 //! the same name stored at two addresses only costs a second cache entry.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -282,7 +283,7 @@ impl std::fmt::Debug for Rendered {
 
 thread_local! {
     /// The buffer [`SqlCache::render`] collects shapes into, reused.
-    static SHAPE_BUFFER: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+    static SHAPE_BUFFER: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
 }
 
 /// Beyond this many shapes, new ones are rendered every time instead of
@@ -331,17 +332,18 @@ impl SqlCache {
     pub fn render(&self, mut statement: impl Statement) -> Rendered {
         // The words are collected into a buffer the thread keeps, so a
         // statement whose shape is cached allocates nothing for it.
-        let mut shape = Shape(SHAPE_BUFFER.take());
+        // (A thread being torn down has no buffer left: a new one serves.)
+        let mut shape = Shape(SHAPE_BUFFER.try_with(Cell::take).unwrap_or_default());
         shape.0.clear();
         let mut params = Vec::new();
         statement.collect(&mut shape, &mut params);
         let sql = match self.lookup(&shape.0) {
             Some(sql) => sql,
-            None => self.write(Shape(shape.0.clone()), &statement),
+            None => self.write(&shape.0, &statement),
         };
         // A huge statement's buffer is let go rather than kept for good.
         if shape.0.capacity() <= 1024 {
-            SHAPE_BUFFER.set(shape.0);
+            let _ = SHAPE_BUFFER.try_with(|buffer| buffer.set(shape.0));
         }
         sql.with_params(params)
     }
@@ -360,7 +362,7 @@ impl SqlCache {
         let mut statement = build();
         // Its values are bound by the caller; collecting only empties them.
         statement.collect(&mut Shape::default(), &mut Vec::new());
-        self.write(Shape(key.to_vec()), &statement)
+        self.write(key, &statement)
     }
 
     fn lookup(&self, key: &[u64]) -> Option<CachedSql> {
@@ -374,7 +376,7 @@ impl SqlCache {
             })
     }
 
-    fn write(&self, shape: Shape, statement: &impl Statement) -> CachedSql {
+    fn write(&self, shape: &[u64], statement: &impl Statement) -> CachedSql {
         let mut writer = SqlWriter::default();
         statement.write_sql(&self.dialect, &mut writer);
         let sql: Arc<str> = writer.sql.into();
@@ -386,7 +388,7 @@ impl SqlCache {
         // Another session may have cached the shape meanwhile: its entry,
         // and its number, stay.
         let (sql, slot) = rendered
-            .entry(shape)
+            .entry(Shape(shape.to_vec()))
             .or_insert_with(|| (sql, u32::try_from(count).expect("the capacity fits in u32")));
         CachedSql {
             sql: Arc::clone(sql),
