@@ -54,6 +54,27 @@ mod texts {
     }
 }
 
+/// One field of each number type and a boolean, some nullable.
+mod numbers {
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub NumbersBase);
+
+    #[derive(Model, Debug, Clone, PartialEq)]
+    #[orm(table = "number_kinds", base = NumbersBase)]
+    pub struct NumberKinds {
+        #[orm(primary_key)]
+        pub id: i32,
+        pub small: i16,
+        pub big: i64,
+        pub single: f32,
+        pub double: f64,
+        pub flag: bool,
+        pub maybe_big: Option<i64>,
+        pub maybe_flag: Option<bool>,
+    }
+}
+
 /// A model over a table without a primary key constraint, so that a
 /// result may repeat a key.
 mod loose {
@@ -536,6 +557,82 @@ async fn text_decodes_alike_from_every_text_column_type() {
     .await;
     let mut session = sessionmaker(&db.engine).session();
     assert_type_mismatch(session.get::<TextKinds>(1).await, "text_kinds", "limited");
+}
+
+/// Numbers and booleans, which the session reads from their bytes when the
+/// column has exactly the field's type, decode as the driver decodes them:
+/// extremes, negative zero, NaN and infinities, NULL into an Option,
+/// through a load, a get and plain values. NULL where none is allowed, and
+/// a column of another width, are type mismatches naming the column.
+#[tokio::test]
+async fn numbers_decode_alike_at_their_extremes() {
+    use numbers::{NumberKinds, NumbersBase};
+
+    let db = test_db().await;
+    NumbersBase::create_all(&db.engine).await.unwrap();
+    db.execute(
+        "INSERT INTO number_kinds VALUES \
+         (-2147483648, -32768, -9223372036854775808, '-Infinity', '-0', false, NULL, NULL), \
+         (0, 0, 0, 'NaN', 'NaN', true, 0, false), \
+         (2147483647, 32767, 9223372036854775807, 3.4028235e38, 1.7976931348623157e308, true, -1, true)",
+    )
+    .await;
+    let check = |rows: &[NumberKinds]| {
+        assert_eq!(rows.len(), 3);
+        let (low, middle, high) = (&rows[0], &rows[1], &rows[2]);
+        assert_eq!((low.id, low.small, low.big), (i32::MIN, i16::MIN, i64::MIN));
+        assert_eq!(low.single, f32::NEG_INFINITY);
+        assert!(low.double == 0.0 && low.double.is_sign_negative());
+        assert_eq!((low.flag, low.maybe_big, low.maybe_flag), (false, None, None));
+        assert!(middle.single.is_nan() && middle.double.is_nan());
+        assert_eq!(
+            (middle.flag, middle.maybe_big, middle.maybe_flag),
+            (true, Some(0), Some(false))
+        );
+        assert_eq!((high.id, high.small, high.big), (i32::MAX, i16::MAX, i64::MAX));
+        assert_eq!((high.single, high.double), (f32::MAX, f64::MAX));
+        assert_eq!((high.maybe_big, high.maybe_flag), (Some(-1), Some(true)));
+    };
+    let mut session = sessionmaker(&db.engine).session();
+    check(
+        &session
+            .query::<NumberKinds>()
+            .order_by(NumberKinds::id)
+            .values()
+            .await
+            .unwrap(),
+    );
+    let tracked = session
+        .query::<NumberKinds>()
+        .order_by(NumberKinds::id)
+        .all()
+        .await
+        .unwrap();
+    check(&tracked.iter().map(|row| row.read().clone()).collect::<Vec<_>>());
+    let mut other = sessionmaker(&db.engine).session();
+    let high = other.get::<NumberKinds>(i32::MAX).await.unwrap().unwrap();
+    assert_eq!(high.read().big, i64::MAX);
+    session.close().await.unwrap();
+    other.close().await.unwrap();
+
+    db.execute(
+        "ALTER TABLE number_kinds ALTER COLUMN flag DROP NOT NULL; UPDATE number_kinds SET flag = NULL WHERE id = 0",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    assert_type_mismatch(session.query::<NumberKinds>().values().await, "number_kinds", "flag");
+    session.close().await.unwrap();
+
+    // A column one width narrower than its field is refused, not widened.
+    let db = test_db().await;
+    db.execute(
+        "CREATE TABLE number_kinds (id integer PRIMARY KEY, small smallint, big integer, single real, \
+         double double precision, flag boolean, maybe_big bigint, maybe_flag boolean); \
+         INSERT INTO number_kinds VALUES (0, 0, 0, 0, 0, true, NULL, NULL)",
+    )
+    .await;
+    let mut session = sessionmaker(&db.engine).session();
+    assert_type_mismatch(session.get::<NumberKinds>(0).await, "number_kinds", "big");
 }
 
 /// A column that changed type under a pooled connection's prepared
