@@ -830,12 +830,9 @@ mod tests {
         assert_eq!(cache.len(), 3);
     }
 
-    #[test]
-    fn texts_rendered_at_once_on_several_threads_get_distinct_dense_numbers() {
-        let cache = SqlCache::default();
-        // Shapes 1..=40 (an AND of n terms), each rendered by four threads
-        // at once, in different orders.
-        let and_of = |n: usize| SelectStatement {
+    /// Shapes built in a loop: an AND of n terms is a new shape for each n.
+    fn and_of(n: usize) -> SelectStatement {
+        SelectStatement {
             projection: vec![col("users", "id")],
             from: "users",
             filter: Some(Expr::And(
@@ -844,11 +841,18 @@ mod tests {
                     .collect(),
             )),
             ..SelectStatement::default()
-        };
+        }
+    }
+
+    #[test]
+    fn texts_rendered_at_once_on_several_threads_get_distinct_dense_numbers() {
+        let cache = SqlCache::default();
+        // Shapes 1..=40, each rendered by four threads at once, in
+        // different orders.
         let numbers: Vec<Vec<(usize, u32)>> = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..4)
                 .map(|thread| {
-                    let (cache, and_of) = (&cache, &and_of);
+                    let cache = &cache;
                     scope.spawn(move || {
                         (1..=40)
                             .map(|i| if thread % 2 == 0 { i } else { 41 - i })
@@ -871,17 +875,6 @@ mod tests {
     #[test]
     fn beyond_its_capacity_the_cache_still_renders_but_stops_growing() {
         let cache = SqlCache::with_capacity(8);
-        // Shapes built in a loop: an AND of n terms is a new shape for each n.
-        let and_of = |n: usize| SelectStatement {
-            projection: vec![col("users", "id")],
-            from: "users",
-            filter: Some(Expr::And(
-                (0..n)
-                    .map(|i| Expr::Binary(Box::new(col("users", "id")), BinaryOp::Ne, Box::new(param(i as i64))))
-                    .collect(),
-            )),
-            ..SelectStatement::default()
-        };
         for n in 1..=18 {
             let rendered = cache.render(and_of(n));
             assert_eq!(rendered.params.len(), n);
