@@ -206,15 +206,12 @@ struct Measured {
 /// Samples both sides alternately (so drift hits both alike) until the
 /// budget is spent. `setup` runs untimed before every sample of either
 /// side.
-async fn compare<S, SF, O, OF, R, RF>(config: &Config, mut setup: S, mut orm: O, mut raw: R) -> Measured
-where
-    S: FnMut() -> SF,
-    SF: Future<Output = ()>,
-    O: FnMut() -> OF,
-    OF: Future<Output = Duration>,
-    R: FnMut() -> RF,
-    RF: Future<Output = Duration>,
-{
+async fn compare(
+    config: &Config,
+    mut setup: impl AsyncFnMut(),
+    mut orm: impl AsyncFnMut() -> Duration,
+    mut raw: impl AsyncFnMut() -> Duration,
+) -> Measured {
     // One warm-up each: connections, prepared statements, caches.
     setup().await;
     orm().await;
@@ -334,6 +331,33 @@ impl Bench {
         conn.client().prepare(sql).await.unwrap()
     }
 
+    /// Compares one read: the ORM's in an autocommit session made and
+    /// closed inside the timing, as a request handler would; the raw one on
+    /// the pool's connection, checked out before the timing starts.
+    async fn compare_reads(
+        &self,
+        mut orm: impl AsyncFnMut(&mut Session),
+        mut raw: impl AsyncFnMut(&orm::tokio_postgres::Client),
+    ) -> Measured {
+        compare(
+            &self.config,
+            async || {},
+            async || {
+                timed(async {
+                    let mut session = self.readers.session();
+                    orm(&mut session).await;
+                    session.close().await.unwrap();
+                })
+                .await
+            },
+            async || {
+                let conn = self.engine.connect().await.unwrap();
+                timed(raw(conn.client())).await
+            },
+        )
+        .await
+    }
+
     async fn fill_users(&self, count: usize) {
         self.sql("TRUNCATE users, posts RESTART IDENTITY").await;
         self.sql(&format!(
@@ -347,41 +371,29 @@ impl Bench {
     async fn select_all(&mut self, rows: usize) {
         self.fill_users(rows).await;
         let statement = self.prepare("SELECT id, name, email, age FROM users").await;
-        let (sessions, engine) = (&self.readers, &self.engine);
         // Tracked objects (identity map, change tracking), then the same rows
         // as plain values, untracked: what Diesel or SeaORM return.
         for tracked in [true, false] {
-            let measured = compare(
-                &self.config,
-                || async {},
-                || async {
-                    timed(async {
-                        let mut session = sessions.session();
+            let measured = self
+                .compare_reads(
+                    async |session| {
                         let loaded = if tracked {
                             session.query::<User>().all().await.unwrap().len()
                         } else {
                             session.query::<User>().values().await.unwrap().len()
                         };
                         assert_eq!(loaded, rows);
-                        session.close().await.unwrap();
-                    })
-                    .await
-                },
-                || async {
-                    let conn = engine.connect().await.unwrap();
-                    let raw = conn.client();
-                    timed(async {
+                    },
+                    async |raw| {
                         let mut users: Vec<User> = Vec::new();
                         each_raw_row(raw, &statement, std::iter::empty::<i32>(), |row| {
                             users.push(user_from_row(&row))
                         })
                         .await;
                         assert_eq!(users.len(), rows);
-                    })
-                    .await
-                },
-            )
-            .await;
+                    },
+                )
+                .await;
             let (workload, note) = if tracked {
                 (
                     format!("select all, {rows} rows"),
@@ -402,34 +414,22 @@ impl Bench {
         let statement = self
             .prepare("SELECT id, name, email, age FROM users WHERE id = $1")
             .await;
-        let (sessions, engine) = (&self.readers, &self.engine);
-        let measured = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
+        let measured = self
+            .compare_reads(
+                async |session| {
                     for id in 1..=lookups {
                         let user = session.get::<User>(id).await.unwrap().unwrap();
                         assert_eq!(user.read().id, id);
                     }
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
+                },
+                async |raw| {
                     for id in 1..=lookups {
                         let user = user_from_row(&raw.query_one(&statement, &[&id]).await.unwrap());
                         assert_eq!(user.id, id);
                     }
-                })
-                .await
-            },
-        )
-        .await;
+                },
+            )
+            .await;
         self.report
             .add(&format!("get by primary key, {lookups} times"), measured, "");
     }
@@ -448,13 +448,9 @@ impl Bench {
                  WHERE u.age > $1 AND p.score > $2 ORDER BY p.score DESC, p.id ASC LIMIT $3",
             )
             .await;
-        let (sessions, engine) = (&self.readers, &self.engine);
-        let measured = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
+        let measured = self
+            .compare_reads(
+                async |session| {
                     let pairs = session
                         .query::<User>()
                         .join::<Post>()
@@ -467,14 +463,8 @@ impl Bench {
                         .await
                         .unwrap();
                     assert_eq!(pairs.len(), 20);
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
+                },
+                async |raw| {
                     let pairs: Vec<(User, Post)> = raw
                         .query(&statement, &[&30i32, &500i32, &20i64])
                         .await
@@ -483,11 +473,9 @@ impl Bench {
                         .map(|row| (user_from_row(row), post_from_row_at(row, 4)))
                         .collect();
                     assert_eq!(pairs.len(), 20);
-                })
-                .await
-            },
-        )
-        .await;
+                },
+            )
+            .await;
         self.report.add(
             "users JOIN posts, filter + order + limit 20",
             measured,
@@ -510,13 +498,9 @@ impl Bench {
                  WHERE p.id <= $1 ORDER BY p.id ASC",
             )
             .await;
-        let (sessions, engine) = (&self.readers, &self.engine);
-        let measured = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
+        let measured = self
+            .compare_reads(
+                async |session| {
                     let rows = session
                         .query::<Post>()
                         .join::<User>()
@@ -526,25 +510,17 @@ impl Bench {
                         .await
                         .unwrap();
                     assert_eq!(rows.len(), posts as usize);
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
+                },
+                async |raw| {
                     let mut loaded: Vec<(Post, User)> = Vec::new();
                     each_raw_row(raw, &statement, [posts], |row| {
                         loaded.push((post_from_row_at(&row, 0), user_from_row_at(&row, 4)))
                     })
                     .await;
                     assert_eq!(loaded.len(), posts as usize);
-                })
-                .await
-            },
-        )
-        .await;
+                },
+            )
+            .await;
         self.report.add(
             &format!("{posts} posts with their authors (JOIN from the child side)"),
             measured,
@@ -563,13 +539,9 @@ impl Bench {
                  WHERE u.id <= $1 ORDER BY u.id ASC, p.id ASC",
             )
             .await;
-        let (sessions, engine) = (&self.readers, &self.engine);
-        let measured = compare(
-            &self.config,
-            || async {},
-            || async {
-                timed(async {
-                    let mut session = sessions.session();
+        let measured = self
+            .compare_reads(
+                async |session| {
                     let rows = session
                         .query::<User>()
                         .left_join::<Post>()
@@ -587,14 +559,8 @@ impl Bench {
                         }
                     }
                     assert_eq!(loaded.len(), users as usize);
-                    session.close().await.unwrap();
-                })
-                .await
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
-                let raw = conn.client();
-                timed(async {
+                },
+                async |raw| {
                     let mut loaded: Vec<(User, Vec<Post>)> = Vec::new();
                     each_raw_row(raw, &statement, [users], |row| {
                         let user_id: i64 = row.get(0);
@@ -608,11 +574,9 @@ impl Bench {
                     })
                     .await;
                     assert_eq!(loaded.len(), users as usize);
-                })
-                .await
-            },
-        )
-        .await;
+                },
+            )
+            .await;
         self.report.add(
             &format!("{users} users with their posts (LEFT JOIN)"),
             measured,
