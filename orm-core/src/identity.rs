@@ -187,14 +187,23 @@ struct Gathering<M: Model> {
 }
 
 impl<M: Model> Gathering<M> {
-    /// A block with no objects yet, its keys to go in `keys` (empty).
-    fn new(keys: Vec<M::PrimaryKey>) -> Self {
-        debug_assert!(keys.is_empty());
-        Gathering {
-            len: 0,
-            keys,
-            place: None,
-        }
+    /// The block being gathered, started if there is none, its key list
+    /// taken from `spare_keys`.
+    fn current<'g>(gathering: &'g mut Option<Self>, spare_keys: &mut Vec<M::PrimaryKey>) -> &'g mut Self {
+        gathering.get_or_insert_with(|| {
+            debug_assert!(spare_keys.is_empty());
+            Gathering {
+                len: 0,
+                keys: std::mem::take(spare_keys),
+                place: None,
+            }
+        })
+    }
+
+    /// Counts one more object in the block and returns its place there.
+    fn next_index(&mut self) -> u32 {
+        self.len += 1;
+        self.len - 1
     }
 }
 
@@ -289,9 +298,8 @@ impl<M: Model> Identities<M> {
     /// The map's object for `key`, or its place in the block being
     /// gathered; for a key new to the map, `gather` (given the key) holds
     /// the object's value back (to be tracked at that place) and the key
-    /// goes in the map, named
-    /// for that place (or waits beside the block, unhashed: see below),
-    /// unless `gather` fails.
+    /// goes in the map, named for that place (or waits beside the block,
+    /// unhashed: see below), unless `gather` fails.
     ///
     /// While nothing is hashed, a key above every key held is new without
     /// a probe: a join whose rows bring a model in key order (its left side,
@@ -311,11 +319,8 @@ impl<M: Model> Identities<M> {
             .or_else(|| self.unindexed_keys.last());
         if self.slots.is_empty() && last.is_none_or(|last| key > *last) {
             gather(&key)?;
-            let gathering = self
-                .gathering
-                .get_or_insert_with(|| Gathering::new(std::mem::take(&mut self.spare_keys)));
-            let index = gathering.len;
-            gathering.len += 1;
+            let gathering = Gathering::current(&mut self.gathering, &mut self.spare_keys);
+            let index = gathering.next_index();
             gathering.keys.push(key);
             return Ok(Pending::Gathering(index as usize));
         }
@@ -353,10 +358,9 @@ impl<M: Model> Identities<M> {
                     return Ok(Pending::Ready(kept.handle(slot)));
                 }
                 gather(entry.key())?;
-                let gathering = gathering.get_or_insert_with(|| Gathering::new(std::mem::take(spare_keys)));
+                let gathering = Gathering::current(gathering, spare_keys);
                 let place = *gathering.place.get_or_insert_with(|| kept.reserve());
-                let index = gathering.len;
-                gathering.len += 1;
+                let index = gathering.next_index();
                 entry.insert(Slot { block: place, index });
                 Ok(Pending::Gathering(index as usize))
             }

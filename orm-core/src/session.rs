@@ -324,9 +324,7 @@ impl Session {
 
     /// Closes the connection instead of pooling it: its state is unknown.
     fn discard_connection(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(PooledConnection::take(conn));
-        }
+        drop(DetachOnDrop(self.conn.take()));
     }
 
     /// Opens a transaction now. In autocommit mode this starts a block that
