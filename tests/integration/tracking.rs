@@ -6,31 +6,38 @@ use orm::prelude::*;
 use crate::common::{assert_type_mismatch, test_db, EchoCapture};
 use crate::models::{add_author, setup, Author, Post, User};
 
-/// A model that counts how many of its values were dropped, to see when a
-/// session lets go of objects.
-mod counted {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// A module with a model that counts how many of its values were dropped,
+/// to see when a session lets go of objects. Each test has its own module,
+/// and so its own counter: tests run at once.
+macro_rules! drop_counting_model {
+    ($module:ident, $base:ident, $model:ident, $table:tt) => {
+        mod $module {
+            use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use orm::prelude::*;
+            use orm::prelude::*;
 
-    orm::declarative_base!(pub CountedBase);
+            orm::declarative_base!(pub $base);
 
-    pub static DROPPED: AtomicUsize = AtomicUsize::new(0);
+            pub static DROPPED: AtomicUsize = AtomicUsize::new(0);
 
-    #[derive(Model, Debug, Clone)]
-    #[orm(table = "counted_rows", base = CountedBase)]
-    pub struct CountedRow {
-        #[orm(primary_key)]
-        pub id: i64,
-        pub name: String,
-    }
+            #[derive(Model, Debug, Clone)]
+            #[orm(table = $table, base = $base)]
+            pub struct $model {
+                #[orm(primary_key)]
+                pub id: i64,
+                pub name: String,
+            }
 
-    impl Drop for CountedRow {
-        fn drop(&mut self) {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            impl Drop for $model {
+                fn drop(&mut self) {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-    }
+    };
 }
+
+drop_counting_model!(counted, CountedBase, CountedRow, "counted_rows");
 
 /// String fields over every column type the driver reads as plain text,
 /// and over one it reads otherwise.
@@ -845,30 +852,7 @@ async fn inserted_objects_are_found_however_they_enter_the_identity_map() {
     assert_eq!(db.scalar("SELECT count(*) FROM authors").await, 500);
 }
 
-/// A model that counts its dropped values, for the test below alone.
-mod threaded {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use orm::prelude::*;
-
-    orm::declarative_base!(pub ThreadedBase);
-
-    pub static DROPPED: AtomicUsize = AtomicUsize::new(0);
-
-    #[derive(Model, Debug, Clone)]
-    #[orm(table = "threaded_rows", base = ThreadedBase)]
-    pub struct ThreadedRow {
-        #[orm(primary_key)]
-        pub id: i64,
-        pub name: String,
-    }
-
-    impl Drop for ThreadedRow {
-        fn drop(&mut self) {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
+drop_counting_model!(threaded, ThreadedBase, ThreadedRow, "threaded_rows");
 
 /// Handles of one load, sent to other threads that read, clone and drop
 /// them while the session closes: every object reads as its row, and each
