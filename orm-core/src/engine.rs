@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::error::{Error, Result};
-use crate::sql::{Rendered, SqlCache};
+use crate::sql::{BoundSql, Rendered, SqlCache};
 use crate::url::DatabaseUrl;
 
 /// Creates an engine for `url` with default options; see [`Engine::builder`]
@@ -496,7 +496,7 @@ impl<'c> Executor<'c> {
 
     pub(crate) async fn query(&self, rendered: &Rendered) -> Result<Vec<Row>> {
         let mut rows = Vec::new();
-        self.for_each_row(rendered, |row| {
+        self.for_each_row(rendered.bound(), |row| {
             rows.push(row);
             Ok(())
         })
@@ -504,37 +504,31 @@ impl<'c> Executor<'c> {
         Ok(rows)
     }
 
-    /// The statement prepared on this connection for `rendered`'s text:
-    /// found by the text's number in the engine's cache, or prepared now.
-    async fn statement(&self, rendered: &Rendered) -> Result<Statement> {
-        let Some(slot) = rendered.slot else {
-            return self
-                .client
-                .prepare_cached(&rendered.sql)
-                .await
-                .map_err(Error::from_driver);
+    /// The statement prepared on this connection for `bound`'s text: found
+    /// by the text's number in the engine's cache, or prepared now.
+    async fn statement(&self, bound: BoundSql<'_>) -> Result<Statement> {
+        let Some(slot) = bound.slot else {
+            return self.client.prepare_cached(bound.sql).await.map_err(Error::from_driver);
         };
         if let Some(statement) = self.client.prepared(slot) {
             return Ok(statement);
         }
-        let statement = self.client.prepare(&rendered.sql).await.map_err(Error::from_driver)?;
+        let statement = self.client.prepare(bound.sql).await.map_err(Error::from_driver)?;
         self.client.keep_prepared(slot, statement.clone());
         Ok(statement)
     }
 
     /// Runs a query and hands each row to `on_row` as it arrives, without
     /// collecting the rows first.
-    pub(crate) async fn for_each_row(&self, rendered: &Rendered, on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
-        self.pipelined(move || self.for_each_row_now(rendered, on_row)).await
+    pub(crate) async fn for_each_row(&self, bound: BoundSql<'_>, on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
+        self.pipelined(move || self.for_each_row_now(bound, on_row)).await
     }
 
-    async fn for_each_row_now(&self, rendered: &Rendered, mut on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
-        let statement = self.statement(rendered).await?;
-        let params = &rendered.params;
+    async fn for_each_row_now(&self, bound: BoundSql<'_>, mut on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
+        let statement = self.statement(bound).await?;
         let stream = self
-            .echoed(&rendered.sql, params.len(), || {
-                self.client
-                    .query_raw(&statement, params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)))
+            .echoed(bound.sql, bound.binds.len(), || {
+                self.client.query_raw(&statement, bound.binds.iter())
             })
             .await?;
         let mut stream = std::pin::pin!(stream);
@@ -551,11 +545,11 @@ impl<'c> Executor<'c> {
     }
 
     pub(crate) async fn execute(&self, rendered: &Rendered) -> Result<u64> {
+        let bound = rendered.bound();
         self.pipelined(move || async move {
-            let statement = self.statement(rendered).await?;
-            let params = rendered.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            self.echoed(&rendered.sql, params.len(), || {
-                self.client.execute_raw(&statement, params)
+            let statement = self.statement(bound).await?;
+            self.echoed(bound.sql, bound.binds.len(), || {
+                self.client.execute_raw(&statement, bound.binds.iter())
             })
             .await
         })

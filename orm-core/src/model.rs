@@ -124,6 +124,12 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// The primary key's values as bind parameters, in key column order.
     fn primary_key_params(key: &Self::PrimaryKey) -> Vec<Param>;
 
+    /// The primary key's values borrowed as bind parameters, in key column
+    /// order: what a `get` binds, with nothing boxed or collected.
+    fn primary_key_refs<'k>(
+        key: &'k Self::PrimaryKey,
+    ) -> impl AsRef<[&'k (dyn tokio_postgres::types::ToSql + Sync)]> + Send + 'k;
+
     /// Builds an object from a row whose columns are `TABLE.columns`, in order.
     #[inline(always)]
     fn from_row(row: &Row) -> Result<Self> {

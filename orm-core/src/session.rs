@@ -1,7 +1,6 @@
 //! Session factory and sessions: identity map, unit of work, transaction.
 
-use std::any::TypeId;
-use std::collections::HashMap;
+use std::any::{Any, TypeId};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,7 +13,7 @@ use crate::metadata::parents_first;
 use crate::model::Model;
 use crate::model::TableDef;
 use crate::query::{Query, Selection, SessionUnits};
-use crate::sql::{BinaryOp, ColumnRef, Expr, ParamValue, Rendered, SelectStatement};
+use crate::sql::{BinaryOp, BoundSql, ColumnRef, Expr, ParamValue, SelectStatement};
 use crate::tracked::{ObjectStatus, Tracked};
 use crate::types::Param;
 use crate::unit::{TableState, TableUnit};
@@ -488,7 +487,7 @@ impl Session {
     /// a live copy, else with one query. `None` when no such row exists.
     pub async fn get<M: Model>(&mut self, key: M::PrimaryKey) -> Result<Option<Tracked<M>>> {
         self.check_usable()?;
-        let unit = self.unit::<M>();
+        let unit = unit_of::<M>(&mut self.units);
         if let Some(tracked) = unit.identity.get(&key) {
             if !tracked.meta().is_expired() {
                 return Ok(Some(tracked.clone()));
@@ -499,18 +498,26 @@ impl Session {
             return Ok(None);
         }
         // A get's statement depends only on the model: its text is cached
-        // under the model's table, and only the key's values are bound.
-        let table = M::TABLE;
-        let sql = self
-            .engine
-            .sql_cache()
-            .render_fixed(&[GET_BY_KEY, std::ptr::from_ref(table) as u64], || {
-                select_all::<M>(Some(primary_key_filter(table, M::primary_key_params(&key))))
-            });
-        let found = self
-            .load_rendered::<M>(sql.with_params(M::primary_key_params(&key)))
-            .await?;
-        Ok(found.into_iter().next())
+        // under the model's table (and kept at hand for the session's next
+        // get), and only the key's values are bound.
+        let sql = unit
+            .get_sql
+            .get_or_insert_with(|| {
+                let table = M::TABLE;
+                self.engine
+                    .sql_cache()
+                    .render_fixed(&[GET_BY_KEY, std::ptr::from_ref(table) as u64], || {
+                        select_all::<M>(Some(primary_key_filter(table, M::primary_key_params(&key))))
+                    })
+            })
+            .clone();
+        let mut found = std::mem::take(&mut unit.spare_found);
+        let key_values = M::primary_key_refs(&key);
+        self.load_into::<M>(sql.bind(key_values.as_ref()), &mut found).await?;
+        debug_assert!(found.len() <= 1, "a key names one row");
+        let object = found.pop();
+        self.unit::<M>().spare_found = found;
+        Ok(object)
     }
 
     /// Reloads an object's row from the database, overwriting its value and
@@ -572,10 +579,14 @@ impl Session {
     /// into the identity maps.
     pub(crate) async fn load<S: Selection>(&mut self, statement: SelectStatement) -> Result<Vec<S::Output>> {
         let rendered = self.engine.sql_cache().render(statement);
-        self.load_rendered::<S>(rendered).await
+        let mut objects = Vec::new();
+        self.load_into::<S>(rendered.bound(), &mut objects).await?;
+        Ok(objects)
     }
 
-    async fn load_rendered<S: Selection>(&mut self, writer: Rendered) -> Result<Vec<S::Output>> {
+    /// Runs a select of the selection's columns, merging each row's objects
+    /// into the identity maps and appending them to `objects`.
+    async fn load_into<S: Selection>(&mut self, bound: BoundSql<'_>, objects: &mut Vec<S::Output>) -> Result<()> {
         self.prepare_read().await?;
         let Session {
             conn,
@@ -587,14 +598,13 @@ impl Session {
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
         let mut merger = S::merger(SessionUnits(units));
         self.busy = true;
-        let mut objects = Vec::new();
         let result = exec
-            .for_each_row(&writer, |row| S::merge(&mut merger, &row, &mut objects))
+            .for_each_row(bound, |row| S::merge(&mut merger, &row, objects))
             .await;
-        S::finish(&mut merger, &mut objects);
+        S::finish(&mut merger, objects);
         // Ends the loan of the identity maps before the session is used again.
         drop(merger);
-        self.finish_read(result.map(|()| objects)).await
+        self.finish_read(result).await
     }
 
     /// Runs a select and hands each row to `on_row` as it arrives.
@@ -606,7 +616,7 @@ impl Session {
         self.prepare_read().await?;
         let writer = self.engine.sql_cache().render(statement);
         self.busy = true;
-        let result = self.executor().for_each_row(&writer, |row| on_row(&row)).await;
+        let result = self.executor().for_each_row(writer.bound(), |row| on_row(&row)).await;
         self.finish_read(result).await
     }
 
@@ -643,34 +653,65 @@ impl Session {
     }
 }
 
-/// Each model's unit of work, by the model's type. A `TypeId` is a hash
-/// already, so the fast hasher is enough.
-pub(crate) type Units = HashMap<TypeId, Box<dyn TableUnit>, foldhash::fast::RandomState>;
+/// Each model's unit of work, by the model's type, in the order the
+/// session first used them. A session holds a handful of models, so a list
+/// scanned in order finds one faster than hashing its 128-bit `TypeId`: a
+/// `get` finds its model's state three times.
+#[derive(Default)]
+pub(crate) struct Units(Vec<(TypeId, Box<dyn TableUnit>)>);
+
+impl Units {
+    fn position(&self, model: TypeId) -> Option<usize> {
+        self.0.iter().position(|(id, _)| *id == model)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &dyn TableUnit> {
+        self.0.iter().map(|(_, unit)| unit.as_ref())
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn TableUnit>> {
+        self.0.iter_mut().map(|(_, unit)| unit)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// Takes model `M`'s state out of `units` (a new one if it has none), for a
 /// load to use without finding it again for every row; the load gives it
 /// back with [`put_unit`].
 pub(crate) fn take_unit<M: Model>(units: &mut Units) -> Box<TableState<M>> {
-    match units.remove(&TypeId::of::<M>()) {
-        Some(unit) => unit
-            .into_any()
-            .downcast::<TableState<M>>()
-            .unwrap_or_else(|_| unreachable!("units are keyed by their model's TypeId")),
+    match units.position(TypeId::of::<M>()) {
+        Some(at) => {
+            let unit: Box<dyn Any> = units.0.swap_remove(at).1;
+            unit.downcast::<TableState<M>>()
+                .unwrap_or_else(|_| unreachable!("units are keyed by their model's TypeId"))
+        }
         None => Box::default(),
     }
 }
 
 /// Gives back a state [`take_unit`] took.
 pub(crate) fn put_unit<M: Model>(units: &mut Units, state: Box<TableState<M>>) {
-    units.insert(TypeId::of::<M>(), state);
+    debug_assert!(units.position(TypeId::of::<M>()).is_none());
+    units.0.push((TypeId::of::<M>(), state));
 }
 
 pub(crate) fn unit_of<M: Model>(units: &mut Units) -> &mut TableState<M> {
-    units
-        .entry(TypeId::of::<M>())
-        .or_insert_with(|| Box::new(TableState::<M>::default()))
-        .as_any_mut()
-        .downcast_mut::<TableState<M>>()
+    let at = match units.position(TypeId::of::<M>()) {
+        Some(at) => at,
+        None => {
+            units.0.push((TypeId::of::<M>(), Box::new(TableState::<M>::default())));
+            units.0.len() - 1
+        }
+    };
+    let unit: &mut dyn Any = units.0[at].1.as_mut();
+    unit.downcast_mut::<TableState<M>>()
         .expect("units are keyed by their model's TypeId")
 }
 

@@ -243,31 +243,34 @@ pub(crate) const MAX_BLOCK: usize = 64;
 /// Tracks a batch of new objects (at most [`MAX_BLOCK`]) in one block.
 pub(crate) fn new_block<M>(mut values: std::vec::Drain<'_, M>, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
     debug_assert!(values.len() <= MAX_BLOCK);
-    let fresh_at = owner.epoch.load(Ordering::Acquire);
-    let objects = if values.len() == 1 {
-        // One allocation rather than two for a one-row load.
-        Objects::One(Shared::new(
+    if values.len() == 1 {
+        return block_of_one(
             values.next().unwrap_or_else(|| unreachable!("one value")),
             status,
-            fresh_at,
-        ))
-    } else {
-        // An exact-size source: allocated once and filled in place.
-        Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect())
-    };
+            owner,
+        );
+    }
+    let fresh_at = owner.epoch.load(Ordering::Acquire);
+    // An exact-size source: allocated once and filled in place.
+    let objects = Objects::Many(values.map(|value| Shared::new(value, status, fresh_at)).collect());
     Counted::new(BlockInner {
         owner: Arc::clone(owner),
         objects,
     })
 }
 
+/// Tracks one new object in a block of its own: one allocation, not two.
+pub(crate) fn block_of_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Block<M> {
+    Counted::new(BlockInner {
+        owner: Arc::clone(owner),
+        objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
+    })
+}
+
 /// Tracks one new object, in a block of its own.
 pub(crate) fn track_one<M>(value: M, status: ObjectStatus, owner: &Arc<Owner>) -> Tracked<M> {
     Tracked {
-        block: Counted::new(BlockInner {
-            owner: Arc::clone(owner),
-            objects: Objects::One(Shared::new(value, status, owner.epoch.load(Ordering::Acquire))),
-        }),
+        block: block_of_one(value, status, owner),
         index: 0,
     }
 }

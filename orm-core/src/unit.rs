@@ -18,10 +18,12 @@ use crate::identity::Identities;
 use crate::model::{Model, TableDef};
 use crate::query::Pending;
 use crate::sql::{
-    BinaryOp, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
+    BinaryOp, CachedSql, ColumnRef, CopyInStatement, DeleteStatement, Expr, InsertSource, InsertStatement, ParamValue,
     ReserveKeysStatement, SqlCache, Statement, UnnestSource, UpdateStatement,
 };
-use crate::tracked::{handles, new_block, track_one, Block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK};
+use crate::tracked::{
+    block_of_one, handles, new_block, track_one, Block, Data, ObjectStatus, Owner, Tracked, MAX_BLOCK,
+};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -31,7 +33,7 @@ const ROWS: &str = "orm_rows";
 const ORDINAL: &str = "orm_ordinal";
 
 /// What the session needs from a model's unit of work without knowing the model.
-pub(crate) trait TableUnit: Send + Sync {
+pub(crate) trait TableUnit: Any + Send + Sync {
     fn table(&self) -> &'static TableDef;
     fn has_changes(&self) -> bool;
     /// Works out the updates a flush will send, refusing changes no
@@ -45,8 +47,6 @@ pub(crate) trait TableUnit: Send + Sync {
     fn after_commit(&mut self, expire: bool);
     /// After a rollback or close: forget everything, detaching the objects.
     fn discard(&mut self);
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
 pub(crate) struct TableState<M: Model> {
@@ -65,6 +65,10 @@ pub(crate) struct TableState<M: Model> {
     /// load to reuse: a session making many small loads (gets) allocates
     /// it once.
     pub(crate) spare_rows: FreshRows<M>,
+    /// The emptied list a `get`'s object came back in, for the next `get`.
+    pub(crate) spare_found: Vec<Tracked<M>>,
+    /// The text of a `get`'s statement, once the session has run one.
+    pub(crate) get_sql: Option<CachedSql>,
 }
 
 impl<M: Model> Default for TableState<M> {
@@ -77,6 +81,8 @@ impl<M: Model> Default for TableState<M> {
             planned_updates: None,
             owner: Owner::new(),
             spare_rows: FreshRows::default(),
+            spare_found: Vec::new(),
+            get_sql: None,
         }
     }
 }
@@ -207,19 +213,32 @@ impl<M: Model> TableState<M> {
     /// caller knows to be new and distinct) and appends their objects to
     /// `out`.
     pub(crate) fn track_fresh(&mut self, fresh: &mut FreshRows<M>, unindexed: bool, out: &mut Vec<Tracked<M>>) {
-        let rows = fresh.values.len();
-        if rows == 0 {
-            return;
+        if let Some((key, value)) = fresh.only.take() {
+            let block = block_of_one(value, ObjectStatus::Persistent, &self.owner);
+            self.keep_fresh(block, std::iter::once(key), unindexed, out);
+        } else if !fresh.values.is_empty() {
+            let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
+            self.keep_fresh(block, fresh.keys.drain(..), unindexed, out);
         }
-        let block = new_block(fresh.values.drain(..), ObjectStatus::Persistent, &self.owner);
+    }
+
+    /// Puts a block of newly loaded objects, the i-th under the i-th of
+    /// `keys`, in the identity map, and appends them to `out`.
+    fn keep_fresh(
+        &mut self,
+        block: Block<M>,
+        keys: impl Iterator<Item = M::PrimaryKey>,
+        unindexed: bool,
+        out: &mut Vec<Tracked<M>>,
+    ) {
         if unindexed {
             out.extend(handles(&block));
-            self.identity.insert_unindexed(fresh.keys.drain(..), block);
+            self.identity.insert_unindexed(keys, block);
         } else {
-            self.identity.reserve(rows);
+            self.identity.reserve(block.len());
             // A key repeated among the held-back rows gives the first row's
             // object for both, as it would have row by row.
-            self.identity.insert_block(fresh.keys.drain(..), block, out);
+            self.identity.insert_block(keys, block, out);
         }
     }
 
@@ -877,6 +896,10 @@ pub(crate) fn merge_known<M: Model>(existing: Tracked<M>, row: &Row, offset: usi
 /// Rows of a load whose objects the session does not know yet, held back so
 /// that their objects are tracked a block at a time.
 pub(crate) struct FreshRows<M: Model> {
+    /// The row held back, while it is the only one and no room has been
+    /// made yet: a load of one row (a `get`, a request's first query)
+    /// allocates none.
+    only: Option<(M::PrimaryKey, M)>,
     keys: Vec<M::PrimaryKey>,
     values: Vec<M>,
 }
@@ -884,6 +907,7 @@ pub(crate) struct FreshRows<M: Model> {
 impl<M: Model> Default for FreshRows<M> {
     fn default() -> Self {
         FreshRows {
+            only: None,
             keys: Vec::new(),
             values: Vec::new(),
         }
@@ -893,7 +917,10 @@ impl<M: Model> Default for FreshRows<M> {
 impl<M: Model> FreshRows<M> {
     /// The key of the row held back last.
     pub(crate) fn last_key(&self) -> Option<&M::PrimaryKey> {
-        self.keys.last()
+        match &self.only {
+            Some((key, _)) => Some(key),
+            None => self.keys.last(),
+        }
     }
 
     /// Holds a row back; true once a block's worth is waiting. Inlined, so
@@ -902,6 +929,10 @@ impl<M: Model> FreshRows<M> {
     #[inline(always)]
     pub(crate) fn push(&mut self, key: M::PrimaryKey, value: M) -> bool {
         if self.values.len() == self.values.capacity() {
+            if self.values.capacity() == 0 && self.only.is_none() {
+                self.only = Some((key, value));
+                return false;
+            }
             self.grow();
         }
         self.keys.push(key);
@@ -911,7 +942,8 @@ impl<M: Model> FreshRows<M> {
 
     /// Room for a few rows first, which is all a lookup by key needs (a
     /// block's worth is a large allocation, slow to make and to free), then
-    /// for a whole block at once, rather than growing four more times.
+    /// for a whole block at once, rather than growing four more times. The
+    /// row held back alone moves in first.
     #[cold]
     fn grow(&mut self) {
         let room = if self.values.capacity() == 0 {
@@ -921,6 +953,10 @@ impl<M: Model> FreshRows<M> {
         };
         self.values.reserve_exact(room - self.values.len());
         self.keys.reserve_exact(room - self.keys.len());
+        if let Some((key, value)) = self.only.take() {
+            self.keys.push(key);
+            self.values.push(value);
+        }
     }
 }
 
@@ -1076,13 +1112,5 @@ impl<M: Model> TableUnit for TableState<M> {
         // tracks whatever the session loads next.
         self.owner.release();
         *self = TableState::default();
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }

@@ -149,22 +149,25 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
     let pk_positions = primary_key.iter().map(|(i, _)| *i);
     let pk_types: Vec<_> = primary_key.iter().map(|(_, c)| c.ty).collect();
     let pk_fields: Vec<_> = primary_key.iter().map(|(_, c)| c.ident).collect();
-    let (pk_type, pk_value, pk_params) = if primary_key.len() == 1 {
+    let to_sql = quote!(dyn #krate::tokio_postgres::types::ToSql + ::core::marker::Sync);
+    let (pk_type, pk_value, pk_params, pk_refs) = if primary_key.len() == 1 {
         let ty = pk_types[0];
         let field = pk_fields[0];
         (
             quote!(#ty),
             quote!(::core::clone::Clone::clone(&self.#field)),
             quote!(::std::vec![::std::boxed::Box::new(::core::clone::Clone::clone(key)) as #krate::Param]),
+            quote!([key as &(#to_sql)]),
         )
     } else {
-        let indexes = (0..primary_key.len()).map(syn::Index::from);
+        let indexes: Vec<_> = (0..primary_key.len()).map(syn::Index::from).collect();
         (
             quote!((#(#pk_types,)*)),
             quote!((#(::core::clone::Clone::clone(&self.#pk_fields),)*)),
             quote!(
                 ::std::vec![#(::std::boxed::Box::new(::core::clone::Clone::clone(&key.#indexes)) as #krate::Param),*]
             ),
+            quote!([#(&key.#indexes as &(#to_sql)),*]),
         )
     };
 
@@ -298,6 +301,13 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
             fn primary_key_params(key: &Self::PrimaryKey) -> ::std::vec::Vec<#krate::Param> {
                 #pk_params
+            }
+
+            #[inline]
+            fn primary_key_refs<'k>(
+                key: &'k Self::PrimaryKey,
+            ) -> impl ::core::convert::AsRef<[&'k (#to_sql)]> + ::core::marker::Send + 'k {
+                #pk_refs
             }
 
             #[inline]

@@ -14,6 +14,7 @@ mod shape;
 use std::fmt::Write;
 
 pub use ast::*;
+pub(crate) use shape::{BoundSql, CachedSql};
 pub use shape::{Rendered, Shape, SqlCache};
 
 use crate::types::Param;

@@ -13,6 +13,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use super::ast::*;
 use super::{Dialect, PgDialect, SqlWriter, Statement};
+use tokio_postgres::types::ToSql;
+
 use crate::types::Param;
 
 /// Everything a statement's text depends on, as a list of words.
@@ -256,6 +258,7 @@ pub struct Rendered {
 }
 
 /// A text kept by the cache, and its number there; see [`Rendered::slot`].
+#[derive(Clone)]
 pub(crate) struct CachedSql {
     pub(crate) sql: Arc<str>,
     pub(crate) slot: Option<u32>,
@@ -269,6 +272,61 @@ impl CachedSql {
             params,
             slot: self.slot,
         }
+    }
+
+    /// The text with values borrowed from the caller: nothing is boxed or
+    /// collected for them.
+    pub(crate) fn bind<'a>(&'a self, values: &'a [&'a (dyn ToSql + Sync)]) -> BoundSql<'a> {
+        BoundSql {
+            sql: &self.sql,
+            slot: self.slot,
+            binds: Binds::Borrowed(values),
+        }
+    }
+}
+
+impl Rendered {
+    /// The statement to run.
+    pub(crate) fn bound(&self) -> BoundSql<'_> {
+        BoundSql {
+            sql: &self.sql,
+            slot: self.slot,
+            binds: Binds::Owned(&self.params),
+        }
+    }
+}
+
+/// A statement to run, borrowed: its text, the text's number in the cache
+/// (see [`Rendered::slot`]) and its bound values, `$1` first.
+#[derive(Clone, Copy)]
+pub(crate) struct BoundSql<'a> {
+    pub(crate) sql: &'a str,
+    pub(crate) slot: Option<u32>,
+    pub(crate) binds: Binds<'a>,
+}
+
+/// A statement's bound values: boxed by the statement that owns them, or
+/// borrowed from the caller (a `get`'s key).
+#[derive(Clone, Copy)]
+pub(crate) enum Binds<'a> {
+    Owned(&'a [Param]),
+    Borrowed(&'a [&'a (dyn ToSql + Sync)]),
+}
+
+impl<'a> Binds<'a> {
+    pub(crate) fn len(self) -> usize {
+        match self {
+            Binds::Owned(values) => values.len(),
+            Binds::Borrowed(values) => values.len(),
+        }
+    }
+
+    /// The values in order, as the driver takes them.
+    pub(crate) fn iter(self) -> impl ExactSizeIterator<Item = &'a (dyn ToSql + Sync)> {
+        (0..self.len()).map(move |at| match self {
+            Binds::Owned(values) => values[at].as_ref() as &(dyn ToSql + Sync),
+            Binds::Borrowed(values) => values[at],
+        })
     }
 }
 
