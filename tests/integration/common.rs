@@ -141,6 +141,8 @@ pub struct Echoed {
     pub sql: String,
     pub params: Option<u64>,
     pub elapsed_us: Option<u64>,
+    /// The error of a statement that failed.
+    pub error: Option<String>,
 }
 
 struct Recorder;
@@ -162,7 +164,11 @@ impl tracing::field::Visit for SqlField<'_> {
         }
     }
 
-    fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "error" {
+            self.0.error = Some(format!("{value:?}"));
+        }
+    }
 }
 
 impl tracing::Subscriber for Recorder {

@@ -327,6 +327,24 @@ async fn echo_logs_statement_parameter_count_and_duration() {
         .expect("the select was echoed");
     assert_eq!(select.params, Some(2));
     assert!(select.elapsed_us.is_some());
+    assert_eq!(select.error, None);
+
+    // A statement that fails is echoed too, with its error.
+    let echo = EchoCapture::start();
+    let error = session
+        .raw_query("SELECT 1 / $1::int", &[&0i32])
+        .await
+        .expect_err("division by zero");
+    let events = echo.take_events();
+    let failed = events
+        .iter()
+        .find(|e| e.sql.starts_with("SELECT 1 /"))
+        .expect("the failed select was echoed");
+    assert_eq!(failed.params, Some(1));
+    assert!(failed.elapsed_us.is_some());
+    let logged = failed.error.as_deref().expect("its error was logged");
+    assert!(logged.contains("division by zero"), "{logged}");
+    assert!(error.to_string().contains("division by zero"), "{error}");
 }
 
 #[tokio::test]

@@ -429,7 +429,11 @@ async fn gets_find_the_objects_of_loads_in_any_key_order() {
         let loaded = session
             .query::<User>()
             .filter(User::id.is_in(order))
-            .order_by(if order[0] > order[1] { User::id.desc() } else { User::id.asc() })
+            .order_by(if order[0] > order[1] {
+                User::id.desc()
+            } else {
+                User::id.asc()
+            })
             .all()
             .await
             .unwrap();
