@@ -343,13 +343,18 @@ impl Session {
         Ok(())
     }
 
+    /// Whether a flush would send anything.
+    fn has_changes(&self) -> bool {
+        self.units.values().any(|unit| unit.has_changes())
+    }
+
     /// Sends every pending change: inserts parents before children, then
     /// updates, then deletes children before parents, each table's rows
     /// batched into as few statements as possible. In autocommit mode the
     /// flush is its own transaction.
     pub async fn flush(&mut self) -> Result<()> {
         self.check_usable()?;
-        if !self.units.values().any(|u| u.has_changes()) {
+        if !self.has_changes() {
             return Ok(());
         }
         // Refused before anything is sent: the transaction and the session
@@ -551,7 +556,9 @@ impl Session {
     /// not in autocommit mode, a transaction) is there for a read.
     async fn prepare_read(&mut self) -> Result<()> {
         self.check_usable()?;
-        if self.config.autoflush {
+        // Checked here, before the flush's future is even made: a read's
+        // autoflush usually has nothing to send.
+        if self.config.autoflush && self.has_changes() {
             self.flush().await?;
         }
         if let Err(error) = self.connect().await {
@@ -604,7 +611,15 @@ impl Session {
         S::finish(&mut merger, objects);
         // Ends the loan of the identity maps before the session is used again.
         drop(merger);
-        self.finish_read(result).await
+        match result {
+            // Without the future of finish_read, whose work is all for errors.
+            Ok(()) => {
+                self.busy = false;
+                self.release_if_idle();
+                Ok(())
+            }
+            Err(error) => self.finish_read(Err(error)).await,
+        }
     }
 
     /// Runs a select and hands each row to `on_row` as it arrives.
