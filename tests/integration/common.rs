@@ -127,6 +127,15 @@ impl EchoCapture {
     pub fn take_events(&self) -> Vec<Echoed> {
         CAPTURED.with(|c| c.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default())
     }
+
+    /// The first statement recorded so far whose SQL starts with `prefix`,
+    /// emptying the record.
+    pub fn take_starting_with(&self, prefix: &str) -> Echoed {
+        self.take_events()
+            .into_iter()
+            .find(|e| e.sql.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no statement starting with {prefix:?} was echoed"))
+    }
 }
 
 impl Drop for EchoCapture {

@@ -320,11 +320,7 @@ async fn echo_logs_statement_parameter_count_and_duration() {
         .all()
         .await
         .unwrap();
-    let events = echo.take_events();
-    let select = events
-        .iter()
-        .find(|e| e.sql.starts_with("SELECT"))
-        .expect("the select was echoed");
+    let select = echo.take_starting_with("SELECT");
     assert_eq!(select.params, Some(2));
     assert!(select.elapsed_us.is_some());
     assert_eq!(select.error, None);
@@ -335,11 +331,7 @@ async fn echo_logs_statement_parameter_count_and_duration() {
         .raw_query("SELECT 1 / $1::int", &[&0i32])
         .await
         .expect_err("division by zero");
-    let events = echo.take_events();
-    let failed = events
-        .iter()
-        .find(|e| e.sql.starts_with("SELECT 1 /"))
-        .expect("the failed select was echoed");
+    let failed = echo.take_starting_with("SELECT 1 /");
     assert_eq!(failed.params, Some(1));
     assert!(failed.elapsed_us.is_some());
     let logged = failed.error.as_deref().expect("its error was logged");
