@@ -1,6 +1,6 @@
 //! Session factory and sessions: identity map, unit of work, transaction.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -668,10 +668,11 @@ impl Session {
     }
 }
 
-/// Each model's unit of work, by the model's type, in the order the
-/// session first used them. A session holds a handful of models, so a list
-/// scanned in order finds one faster than hashing its 128-bit `TypeId`: a
-/// `get` finds its model's state three times.
+/// Each model's unit of work, by the model's type. A session holds a
+/// handful of models, so a list scanned in order finds one faster than
+/// hashing its 128-bit `TypeId`: a `get` finds its model's state three
+/// times. The order means nothing: a join takes states out and puts them
+/// back at the end.
 #[derive(Default)]
 pub(crate) struct Units(Vec<(TypeId, Box<dyn TableUnit>)>);
 
@@ -702,11 +703,13 @@ impl Units {
 /// back with [`put_unit`].
 pub(crate) fn take_unit<M: Model>(units: &mut Units) -> Box<TableState<M>> {
     match units.position(TypeId::of::<M>()) {
-        Some(at) => {
-            let unit: Box<dyn Any> = units.0.swap_remove(at).1;
-            unit.downcast::<TableState<M>>()
-                .unwrap_or_else(|_| unreachable!("units are keyed by their model's TypeId"))
-        }
+        Some(at) => units
+            .0
+            .swap_remove(at)
+            .1
+            .into_any()
+            .downcast::<TableState<M>>()
+            .unwrap_or_else(|_| unreachable!("units are keyed by their model's TypeId")),
         None => Box::default(),
     }
 }
@@ -725,8 +728,10 @@ pub(crate) fn unit_of<M: Model>(units: &mut Units) -> &mut TableState<M> {
             units.0.len() - 1
         }
     };
-    let unit: &mut dyn Any = units.0[at].1.as_mut();
-    unit.downcast_mut::<TableState<M>>()
+    units.0[at]
+        .1
+        .as_any_mut()
+        .downcast_mut::<TableState<M>>()
         .expect("units are keyed by their model's TypeId")
 }
 

@@ -33,7 +33,7 @@ const ROWS: &str = "orm_rows";
 const ORDINAL: &str = "orm_ordinal";
 
 /// What the session needs from a model's unit of work without knowing the model.
-pub(crate) trait TableUnit: Any + Send + Sync {
+pub(crate) trait TableUnit: Send + Sync {
     fn table(&self) -> &'static TableDef;
     fn has_changes(&self) -> bool;
     /// Works out the updates a flush will send, refusing changes no
@@ -47,6 +47,10 @@ pub(crate) trait TableUnit: Any + Send + Sync {
     fn after_commit(&mut self, expire: bool);
     /// After a rollback or close: forget everything, detaching the objects.
     fn discard(&mut self);
+    // Not upcasts to `dyn Any`: those need Rust 1.86, and the crate
+    // supports 1.85.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
 pub(crate) struct TableState<M: Model> {
@@ -1112,5 +1116,13 @@ impl<M: Model> TableUnit for TableState<M> {
         // tracks whatever the session loads next.
         self.owner.release();
         *self = TableState::default();
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
     }
 }
