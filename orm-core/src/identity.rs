@@ -7,7 +7,12 @@ use crate::counted::Counted;
 use crate::error::Result;
 use crate::model::Model;
 use crate::query::Pending;
-use crate::tracked::{Block, Tracked};
+use crate::tracked::{Block, Tracked, MAX_BLOCK};
+
+/// The most keys a load makes room for ahead, on a hint: a statement
+/// whose last load was huge must not make the next one allocate for all
+/// of it at once.
+const MAX_EXPECTED: usize = 65_536;
 
 /// Where an object lives: its block among those the map keeps, and its
 /// place in the block.
@@ -155,6 +160,11 @@ pub(crate) struct Identities<M: Model> {
     /// a join gathers a block every 64 rows, and growing a new list for
     /// each cost more than hashing the keys would.
     spare_keys: Vec<M::PrimaryKey>,
+    /// How many keys the load under way is expected to hash in, from the
+    /// statement's last load (see [`Identities::make_room`]), and how many
+    /// it has hashed so far.
+    expected: usize,
+    hashed: usize,
 }
 
 /// An unindexed block: its place in `kept`, and where its keys end in
@@ -220,6 +230,8 @@ impl<M: Model> Default for Identities<M> {
             },
             gathering: None,
             spare_keys: Vec::new(),
+            expected: 0,
+            hashed: 0,
         }
     }
 }
@@ -335,6 +347,12 @@ impl<M: Model> Identities<M> {
         gather: impl FnOnce(&M::PrimaryKey) -> Result<()>,
     ) -> Result<Pending<Tracked<M>>> {
         self.hash_gathering();
+        // Counted even with no hint waiting: only a load that hashed many
+        // keys leaves one for the next.
+        self.hashed += 1;
+        if self.expected > 0 && self.hashed > MAX_BLOCK {
+            self.make_room(0);
+        }
         let Identities {
             slots,
             kept,
@@ -342,6 +360,7 @@ impl<M: Model> Identities<M> {
             spare_keys,
             unindexed,
             unindexed_keys,
+            ..
         } = self;
         match slots.entry(key) {
             Entry::Occupied(entry) => {
@@ -375,7 +394,11 @@ impl<M: Model> Identities<M> {
             return;
         }
         let place = *gathering.place.get_or_insert_with(|| self.kept.reserve());
-        self.slots.reserve(gathering.keys.len());
+        let additional = gathering.keys.len();
+        self.make_room(additional);
+        let Some(gathering) = &mut self.gathering else {
+            unreachable!("checked above")
+        };
         for (index, key) in (0..).zip(gathering.keys.drain(..)) {
             self.slots.insert(key, Slot { block: place, index });
         }
@@ -423,7 +446,36 @@ impl<M: Model> Identities<M> {
     }
 
     pub(crate) fn reserve(&mut self, additional: usize) {
-        self.slots.reserve(additional);
+        self.make_room(additional);
+    }
+
+    /// Sets how many keys the load now starting is expected to hash in, as
+    /// its statement's last load did (0 when it ends).
+    pub(crate) fn expect(&mut self, keys: usize) {
+        self.expected = keys.min(MAX_EXPECTED);
+        self.hashed = 0;
+    }
+
+    /// Whether the load under way hashed enough keys to take a hint: only
+    /// such a load's size is worth remembering.
+    pub(crate) fn hashed_many(&self) -> bool {
+        self.hashed > MAX_BLOCK
+    }
+
+    /// Room for `additional` more keys, and once this load has hashed more
+    /// than a block's worth, for as many as it is expected to hash in all:
+    /// growing the map by doubling rehashes everything it holds each time.
+    /// A load that stays small (a get, a short page) never takes the hint,
+    /// so a statement whose last load was large costs it nothing.
+    fn make_room(&mut self, additional: usize) {
+        let before = self.hashed;
+        self.hashed += additional;
+        let ahead = if self.hashed > MAX_BLOCK {
+            std::mem::take(&mut self.expected).saturating_sub(before)
+        } else {
+            0
+        };
+        self.slots.reserve(additional.max(ahead));
     }
 
     /// Puts `object` in the map under `key`, returning the object it

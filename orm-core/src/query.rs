@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::expr::{Column, Condition, Order};
 use crate::model::{Model, RawValue, TableDef};
 use crate::session::{put_unit, take_unit, unit_of, Session, Units};
-use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, OrderExpr, ParamValue, SelectStatement};
+use crate::sql::{BinaryOp, ColumnRef, Expr, JoinClause, JoinKind, LoadSizes, OrderExpr, ParamValue, SelectStatement};
 use crate::tracked::{Block, BlockInner, Tracked, MAX_BLOCK};
 use crate::types::ColumnType;
 use crate::unit::{FreshRows, TableState};
@@ -170,6 +170,10 @@ pub struct ModelGathering<M: Model> {
     state: Option<Box<TableState<M>>>,
     values: Vec<M>,
     last: Option<(M::PrimaryKey, Pending<Tracked<M>>)>,
+    /// The model's side in the statement's [`LoadSizes`], and the size of
+    /// its identity map when the load began.
+    side: usize,
+    before: usize,
 }
 
 impl<M: Model> std::fmt::Debug for ModelGathering<M> {
@@ -182,11 +186,15 @@ impl<M: Model> std::fmt::Debug for ModelGathering<M> {
 }
 
 impl<M: Model> ModelGathering<M> {
-    fn start(units: &mut Units) -> Self {
+    fn start(units: &mut SessionUnits<'_>, side: usize) -> Self {
+        let mut state = take_unit::<M>(units.0);
+        state.identity.expect(units.1.get(side));
         ModelGathering {
-            state: Some(take_unit::<M>(units)),
+            before: state.identity.len(),
+            state: Some(state),
             values: Vec::new(),
             last: None,
+            side,
         }
     }
 
@@ -229,18 +237,23 @@ impl<M: Model> ModelGathering<M> {
         Some(gathered)
     }
 
-    fn end(&mut self, units: &mut Units) {
+    fn end(&mut self, units: &mut SessionUnits<'_>) {
         self.finish(0);
         self.last = None;
-        if let Some(state) = self.state.take() {
-            put_unit(units, state);
+        if let Some(mut state) = self.state.take() {
+            if state.identity.hashed_many() {
+                units.1.set(self.side, state.identity.len().saturating_sub(self.before));
+            }
+            state.identity.expect(0);
+            put_unit(units.0, state);
         }
     }
 }
 
-/// The session's units of work, lent to a [`Selection`] while it loads.
+/// The session's units of work, lent to a [`Selection`] while it loads,
+/// with the sizes of the statement's last load.
 #[doc(hidden)]
-pub struct SessionUnits<'u>(pub(crate) &'u mut Units);
+pub struct SessionUnits<'u>(pub(crate) &'u mut Units, pub(crate) LoadSizes<'u>);
 
 impl std::fmt::Debug for SessionUnits<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -263,6 +276,10 @@ pub struct IdentityMap<'u, M: Model> {
     /// the session held no objects of `M` when it began, and every row's key
     /// so far was greater than the one before, so no key can repeat.
     unindexed: bool,
+    /// Where the load records how many objects it added to the map.
+    sizes: LoadSizes<'u>,
+    /// The map's size when the load began.
+    before: usize,
 }
 
 impl<M: Model> std::fmt::Debug for IdentityMap<'_, M> {
@@ -302,12 +319,16 @@ impl<M: Model> Selection for M {
     }
 
     fn merger(units: SessionUnits<'_>) -> Self::Merger<'_> {
-        let state = unit_of::<M>(units.0);
+        let SessionUnits(units, sizes) = units;
+        let state = unit_of::<M>(units);
         let had_objects = state.has_objects();
+        state.identity.expect(sizes.get(0));
         IdentityMap {
             had_objects,
             unindexed: !had_objects,
             fresh: std::mem::take(&mut state.spare_rows),
+            sizes,
+            before: state.identity.len(),
             state,
         }
     }
@@ -345,6 +366,11 @@ impl<M: Model> Selection for M {
     fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Tracked<M>>) {
         merger.state.track_fresh(&mut merger.fresh, merger.unindexed, out);
         merger.state.spare_rows = std::mem::take(&mut merger.fresh);
+        let identity = &mut merger.state.identity;
+        if identity.hashed_many() {
+            merger.sizes.set(0, identity.len().saturating_sub(merger.before));
+        }
+        identity.expect(0);
     }
 
     #[inline]
@@ -361,7 +387,7 @@ impl<M: Model> Selection for M {
     type GatheredBlock = GatheredBlock<M>;
 
     fn start_gathering(units: &mut SessionUnits<'_>) -> ModelGathering<M> {
-        ModelGathering::start(units.0)
+        ModelGathering::start(units, 0)
     }
 
     #[inline]
@@ -387,7 +413,7 @@ impl<M: Model> Selection for M {
     }
 
     fn end_gathering(units: &mut SessionUnits<'_>, gathered: &mut ModelGathering<M>) {
-        gathered.end(units.0);
+        gathered.end(units);
     }
 }
 
@@ -552,7 +578,7 @@ impl<S: Selection, J: Joined> Drop for JoinMerger<'_, S, J> {
         // A load cut short still tracks what it gathered: the identity maps
         // already name those objects' places.
         S::end_gathering(&mut self.units, &mut self.left);
-        self.right.end(self.units.0);
+        self.right.end(&mut self.units);
     }
 }
 
@@ -630,7 +656,7 @@ impl<S: Selection, J: Joined> Selection for (S, J) {
 
     fn merger(mut units: SessionUnits<'_>) -> Self::Merger<'_> {
         let left = S::start_gathering(&mut units);
-        let right = ModelGathering::start(units.0);
+        let right = ModelGathering::start(&mut units, 1);
         JoinMerger {
             units,
             left,

@@ -13,7 +13,7 @@ use crate::metadata::parents_first;
 use crate::model::Model;
 use crate::model::TableDef;
 use crate::query::{Query, Selection, SessionUnits};
-use crate::sql::{BinaryOp, BoundSql, ColumnRef, Expr, ParamValue, SelectStatement};
+use crate::sql::{BinaryOp, BoundSql, ColumnRef, Expr, LoadSizes, ParamValue, SelectStatement};
 use crate::tracked::{ObjectStatus, Tracked};
 use crate::types::Param;
 use crate::unit::{TableState, TableUnit};
@@ -603,7 +603,11 @@ impl Session {
             ..
         } = self;
         let exec = Executor::new(conn.as_ref().expect("connected"), engine.echo()).with_pending_begin(begin_pending);
-        let mut merger = S::merger(SessionUnits(units));
+        let sizes = match bound.learns_sizes {
+            true => engine.sql_cache().load_sizes(bound.slot),
+            false => LoadSizes::default(),
+        };
+        let mut merger = S::merger(SessionUnits(units, sizes));
         self.busy = true;
         let result = exec
             .for_each_row(bound, |row| S::merge(&mut merger, &row, objects))

@@ -852,3 +852,59 @@ async fn joined_keys_out_of_order_find_the_objects_of_earlier_blocks() {
     }
     assert!(session.get::<User>(11).await.unwrap().is_none());
 }
+
+/// A statement's loads make room in the identity maps for as many objects
+/// as its last load brought: the same join run again, larger, smaller and
+/// larger again, in fresh sessions and in one that already holds posts,
+/// must still give each row its own objects.
+#[tokio::test]
+async fn a_join_run_again_at_other_sizes_gives_each_row_its_objects() {
+    let db = setup().await;
+    db.execute(
+        "INSERT INTO users (id, name) OVERRIDING SYSTEM VALUE SELECT i, 'user ' || i FROM generate_series(1, 60) AS i",
+    )
+    .await;
+    // Post keys out of user order, so the join hashes them: user u's
+    // posts are u, u + 60, u + 120, ...
+    db.execute(
+        "INSERT INTO posts (id, user_id, title, score) OVERRIDING SYSTEM VALUE \
+         SELECT i, 1 + (i - 1) % 60, 'post ' || i, i FROM generate_series(1, 600) AS i",
+    )
+    .await;
+    let mut held = sessionmaker(&db.engine).session();
+    let earlier = held
+        .query::<Post>()
+        .filter(Post::id.le(30))
+        .order_by(Post::id)
+        .all()
+        .await
+        .unwrap();
+    for users in [60, 2, 60, 59] {
+        for fresh in [true, false] {
+            let mut new_session = sessionmaker(&db.engine).session();
+            let session = if fresh { &mut new_session } else { &mut held };
+            let rows = session
+                .query::<User>()
+                .left_join::<Post>()
+                .filter(User::id.le(users))
+                .order_by(User::id)
+                .order_by(Post::id)
+                .all()
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), users as usize * 10, "{users} users");
+            let mut seen = std::collections::HashSet::new();
+            for (user, post) in &rows {
+                let post = post.as_ref().expect("every user has posts");
+                let (user_id, post_id) = (user.read().id, post.read().id);
+                assert_eq!(post.read().user_id, user_id);
+                assert_eq!((post_id - 1) % 60 + 1, user_id as i32);
+                assert!(seen.insert(post_id), "post {post_id} twice");
+                if !fresh && post_id <= 30 {
+                    assert!(post.ptr_eq(&earlier[post_id as usize - 1]), "post {post_id}");
+                }
+            }
+            new_session.close().await.unwrap();
+        }
+    }
+}

@@ -14,7 +14,7 @@ mod shape;
 use std::fmt::Write;
 
 pub use ast::*;
-pub(crate) use shape::{BoundSql, CachedSql};
+pub(crate) use shape::{BoundSql, CachedSql, LoadSizes};
 pub use shape::{Rendered, Shape, SqlCache};
 
 use crate::types::Param;
@@ -889,5 +889,32 @@ mod tests {
         assert_eq!(cache.render(and_of(18)).params.len(), 18);
         let again = cache.render(and_of(3));
         assert_eq!((again.params.len(), again.slot), (3, Some(2)));
+    }
+
+    /// Each cached text keeps the object counts of its last load, one per
+    /// side, apart from every other text's; a text the cache does not keep
+    /// has none.
+    #[test]
+    fn each_cached_text_remembers_its_last_load_sizes() {
+        let cache = SqlCache::with_capacity(4);
+        let slots: Vec<Option<u32>> = (1..=5).map(|n| cache.render(and_of(n)).slot).collect();
+        assert_eq!(slots, [Some(0), Some(1), Some(2), Some(3), None]);
+        for (n, &slot) in slots.iter().enumerate() {
+            assert_eq!((cache.load_sizes(slot).get(0), cache.load_sizes(slot).get(1)), (0, 0));
+            cache.load_sizes(slot).set(0, 100 + n);
+            cache.load_sizes(slot).set(1, 200 + n);
+        }
+        for (n, &slot) in slots.iter().enumerate().take(4) {
+            let sizes = cache.load_sizes(slot);
+            assert_eq!((sizes.get(0), sizes.get(1)), (100 + n, 200 + n), "text {n}");
+        }
+        // Not kept, so nothing remembered: the next load makes no room ahead.
+        assert_eq!(cache.load_sizes(None).get(0), 0);
+        // The next load's count replaces the last one; a count beyond u32
+        // is remembered as the largest u32.
+        cache.load_sizes(Some(2)).set(1, 7);
+        assert_eq!(cache.load_sizes(Some(2)).get(1), 7);
+        cache.load_sizes(Some(3)).set(0, usize::MAX);
+        assert_eq!(cache.load_sizes(Some(3)).get(0), u32::MAX as usize);
     }
 }

@@ -9,6 +9,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::ast::*;
@@ -281,6 +282,7 @@ impl CachedSql {
             sql: &self.sql,
             slot: self.slot,
             binds: Binds::Borrowed(values),
+            learns_sizes: false,
         }
     }
 }
@@ -292,6 +294,7 @@ impl Rendered {
             sql: &self.sql,
             slot: self.slot,
             binds: Binds::Owned(&self.params),
+            learns_sizes: true,
         }
     }
 }
@@ -303,6 +306,9 @@ pub(crate) struct BoundSql<'a> {
     pub(crate) sql: &'a str,
     pub(crate) slot: Option<u32>,
     pub(crate) binds: Binds<'a>,
+    /// Whether a load by this statement uses and keeps [`LoadSizes`]: not
+    /// for a get, which meets one row at most.
+    pub(crate) learns_sizes: bool,
 }
 
 /// A statement's bound values: boxed by the statement that owns them, or
@@ -339,6 +345,42 @@ impl std::fmt::Debug for Rendered {
     }
 }
 
+/// How many new objects a statement's last load put in the identity maps
+/// of its first model (side 0) and of the model it joins last (side 1), if
+/// its text has a number. A load of the same statement makes that much room
+/// in a map at once, when it first hashes keys into it, rather than
+/// doubling the map again and again as the rows stream in (rehashing all it
+/// holds each time: half of what a 1,000-row join into a fresh session cost
+/// over hand-written code). Other models of a longer chain get no hint.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct LoadSizes<'c> {
+    cells: Option<&'c [AtomicU32]>,
+}
+
+impl LoadSizes<'_> {
+    const SIDES: usize = 2;
+
+    /// The last load's count for `side`; 0 when there is none.
+    pub(crate) fn get(self, side: usize) -> usize {
+        self.cells
+            .map_or(0, |cells| cells[side].load(Ordering::Relaxed) as usize)
+    }
+
+    /// Records this load's count for `side`. Written only when it changed:
+    /// a statement run over and over by many threads then shares the cache
+    /// line without writing it. Loads too small to use the hint (see
+    /// `Identities::make_room`) are not recorded, so a statement keeps its
+    /// large loads' size.
+    pub(crate) fn set(self, side: usize, objects: usize) {
+        if let Some(cells) = self.cells {
+            let objects = u32::try_from(objects).unwrap_or(u32::MAX);
+            if cells[side].load(Ordering::Relaxed) != objects {
+                cells[side].store(objects, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 thread_local! {
     /// The buffer [`SqlCache::render`] collects shapes into, reused.
     static SHAPE_BUFFER: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
@@ -357,6 +399,9 @@ pub struct SqlCache {
     /// Each text with its number: the count of texts cached before it, so
     /// numbers are dense and never reused (nothing is ever evicted).
     rendered: RwLock<HashMap<Shape, (Arc<str>, u32), foldhash::fast::RandomState>>,
+    /// For each text, by its number, how many new objects its last load
+    /// put in each of two identity maps (see [`LoadSizes`]).
+    load_sizes: Box<[AtomicU32]>,
 }
 
 impl std::fmt::Debug for SqlCache {
@@ -367,21 +412,28 @@ impl std::fmt::Debug for SqlCache {
 
 impl Default for SqlCache {
     fn default() -> Self {
-        SqlCache {
-            dialect: PgDialect,
-            capacity: CAPACITY,
-            rendered: RwLock::new(HashMap::default()),
-        }
+        Self::with_capacity(CAPACITY)
     }
 }
 
 impl SqlCache {
     /// A cache that keeps at most `capacity` shapes.
-    #[cfg(test)]
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         SqlCache {
+            dialect: PgDialect,
             capacity,
-            ..SqlCache::default()
+            rendered: RwLock::new(HashMap::default()),
+            load_sizes: (0..capacity * LoadSizes::SIDES).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// The size hints of the statement whose text has number `slot`.
+    pub(crate) fn load_sizes(&self, slot: Option<u32>) -> LoadSizes<'_> {
+        LoadSizes {
+            cells: slot.and_then(|slot| {
+                let start = slot as usize * LoadSizes::SIDES;
+                self.load_sizes.get(start..start + LoadSizes::SIDES)
+            }),
         }
     }
 
