@@ -121,9 +121,6 @@ pub trait Model: Clone + Send + Sync + Sized + 'static {
     /// This object's primary key.
     fn primary_key(&self) -> Self::PrimaryKey;
 
-    /// The primary key's values as bind parameters, in key column order.
-    fn primary_key_params(key: &Self::PrimaryKey) -> Vec<Param>;
-
     /// The primary key's values borrowed as bind parameters, in key column
     /// order: what a `get` binds, with nothing boxed or collected.
     fn primary_key_refs<'k>(

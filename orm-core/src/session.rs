@@ -512,7 +512,7 @@ impl Session {
                 self.engine
                     .sql_cache()
                     .render_fixed(&[GET_BY_KEY, std::ptr::from_ref(table) as u64], || {
-                        select_all::<M>(Some(primary_key_filter(table, M::primary_key_params(&key))))
+                        select_all::<M>(Some(primary_key_filter(table)))
                     })
             })
             .clone();
@@ -767,21 +767,22 @@ fn refuse_transaction_control(sql: &str) -> Result<()> {
 /// The first word of the cache key of a get by primary key.
 const GET_BY_KEY: u64 = 1000;
 
-/// `key column = $1 AND ...`, for the key's values in key column order.
-fn primary_key_filter(table: &'static TableDef, values: Vec<Param>) -> Expr {
+/// `key column = $1 AND ...`, in key column order. Only its text is used:
+/// a get binds its key's values itself, so the placeholders hold none.
+fn primary_key_filter(table: &'static TableDef) -> Expr {
     Expr::And(
         table
             .primary_key
             .iter()
-            .zip(values)
-            .map(|(&c, param)| {
+            .map(|&c| {
+                let placeholder: Param = Box::new(None::<i64>);
                 Expr::Binary(
                     Box::new(Expr::Column(ColumnRef {
                         table: table.name,
                         column: table.columns[c].name,
                     })),
                     BinaryOp::Eq,
-                    Box::new(Expr::Param(ParamValue::new(param))),
+                    Box::new(Expr::Param(ParamValue::new(placeholder))),
                 )
             })
             .collect(),

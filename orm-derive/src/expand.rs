@@ -150,13 +150,12 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
     let pk_types: Vec<_> = primary_key.iter().map(|(_, c)| c.ty).collect();
     let pk_fields: Vec<_> = primary_key.iter().map(|(_, c)| c.ident).collect();
     let to_sql = quote!(dyn #krate::tokio_postgres::types::ToSql + ::core::marker::Sync);
-    let (pk_type, pk_value, pk_params, pk_refs) = if primary_key.len() == 1 {
+    let (pk_type, pk_value, pk_refs) = if primary_key.len() == 1 {
         let ty = pk_types[0];
         let field = pk_fields[0];
         (
             quote!(#ty),
             quote!(::core::clone::Clone::clone(&self.#field)),
-            quote!(::std::vec![::std::boxed::Box::new(::core::clone::Clone::clone(key)) as #krate::Param]),
             quote!([key as &(#to_sql)]),
         )
     } else {
@@ -164,9 +163,6 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
         (
             quote!((#(#pk_types,)*)),
             quote!((#(::core::clone::Clone::clone(&self.#pk_fields),)*)),
-            quote!(
-                ::std::vec![#(::std::boxed::Box::new(::core::clone::Clone::clone(&key.#indexes)) as #krate::Param),*]
-            ),
             quote!([#(&key.#indexes as &(#to_sql)),*]),
         )
     };
@@ -297,10 +293,6 @@ fn expand_model_impl(model: &Model<'_>) -> TokenStream {
 
             fn primary_key(&self) -> Self::PrimaryKey {
                 #pk_value
-            }
-
-            fn primary_key_params(key: &Self::PrimaryKey) -> ::std::vec::Vec<#krate::Param> {
-                #pk_params
             }
 
             #[inline]
