@@ -570,16 +570,23 @@ impl Session {
     }
 
     async fn finish_read<T>(&mut self, result: Result<T>) -> Result<T> {
-        self.busy = false;
         if let Err(error) = &result {
             // Errors found on this side (a type mismatch, an error returned by
             // a for_each callback) leave the server's transaction intact.
             if error.aborts_transaction() {
+                self.busy = false;
                 Box::pin(self.fail_transaction(error)).await;
             }
         }
-        self.release_if_idle();
+        self.end_read();
         result
+    }
+
+    /// What ends every read that went well: the session is no longer busy,
+    /// and outside a transaction its connection goes back to the pool.
+    fn end_read(&mut self) {
+        self.busy = false;
+        self.release_if_idle();
     }
 
     /// Runs a select of the selection's columns and merges each row's objects
@@ -618,8 +625,7 @@ impl Session {
         match result {
             // Without the future of finish_read, whose work is all for errors.
             Ok(()) => {
-                self.busy = false;
-                self.release_if_idle();
+                self.end_read();
                 Ok(())
             }
             Err(error) => self.finish_read(Err(error)).await,
