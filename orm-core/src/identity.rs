@@ -349,10 +349,7 @@ impl<M: Model> Identities<M> {
         self.hash_gathering();
         // Counted even with no hint waiting: only a load that hashed many
         // keys leaves one for the next.
-        self.hashed += 1;
-        if self.expected > 0 && self.hashed > MAX_BLOCK {
-            self.make_room(0);
-        }
+        self.make_room(1);
         let Identities {
             slots,
             kept,
@@ -445,10 +442,6 @@ impl<M: Model> Identities<M> {
         }
     }
 
-    pub(crate) fn reserve(&mut self, additional: usize) {
-        self.make_room(additional);
-    }
-
     /// Sets how many keys the load now starting is expected to hash in, as
     /// its statement's last load did (0 when it ends).
     pub(crate) fn expect(&mut self, keys: usize) {
@@ -467,7 +460,7 @@ impl<M: Model> Identities<M> {
     /// growing the map by doubling rehashes everything it holds each time.
     /// A load that stays small (a get, a short page) never takes the hint,
     /// so a statement whose last load was large costs it nothing.
-    fn make_room(&mut self, additional: usize) {
+    pub(crate) fn make_room(&mut self, additional: usize) {
         let before = self.hashed;
         self.hashed += additional;
         let ahead = if self.hashed > MAX_BLOCK {

@@ -239,7 +239,7 @@ impl<M: Model> TableState<M> {
             out.extend(handles(&block));
             self.identity.insert_unindexed(keys, block);
         } else {
-            self.identity.reserve(block.len());
+            self.identity.make_room(block.len());
             // A key repeated among the held-back rows gives the first row's
             // object for both, as it would have row by row.
             self.identity.insert_block(keys, block, out);
@@ -642,7 +642,7 @@ impl<M: Model> Inserting<'_, M> {
                 return;
             }
         }
-        self.identity.reserve(objects.len());
+        self.identity.make_room(objects.len());
         for (object, key) in objects.iter().zip(keys) {
             enter_one(self.identity, key, object);
         }
