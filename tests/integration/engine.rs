@@ -147,6 +147,34 @@ async fn pool_size_and_timeout_are_honoured() {
 }
 
 #[tokio::test]
+async fn a_pooled_connection_that_died_while_idle_is_replaced_at_checkout() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
+    let backend_pid = |conn: orm::Connection| async move {
+        let rows = conn.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap();
+        rows[0].get::<_, i32>(0)
+    };
+    let pid = backend_pid(db.engine.connect().await.unwrap()).await;
+
+    // Ended from another engine: this one's only connection sits in its pool.
+    let admin = Engine::builder(db.database.url()).build().unwrap();
+    let admin = admin.connect().await.unwrap();
+    admin
+        .raw_query("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let gone = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1";
+    while admin.raw_query(gone, &[&pid]).await.unwrap()[0].get::<_, i64>(0) > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Lets the pooled connection's task read the server's goodbye.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let new_pid = backend_pid(db.engine.connect().await.unwrap()).await;
+    assert_ne!(new_pid, pid, "the dead connection was handed out again");
+    assert_eq!(db.engine.pool_status().size, 1, "it was replaced, not added to");
+}
+
+#[tokio::test]
 async fn statement_timeout_and_application_name_reach_the_server() {
     let db = crate::common::test_db_with(|b| {
         b.statement_timeout(Duration::from_millis(150))
