@@ -622,13 +622,7 @@ impl<'c> Executor<'c> {
             }
             .await;
             if self.echo {
-                let elapsed_us = started.elapsed().as_micros() as u64;
-                match &result {
-                    Ok(_) => tracing::info!(target: "orm::echo", sql, params = 0usize, elapsed_us, "{sql}"),
-                    Err(error) => {
-                        tracing::info!(target: "orm::echo", sql, params = 0usize, elapsed_us, %error, "{sql}")
-                    }
-                }
+                log_echo(sql, 0, started.elapsed(), result.as_ref().err());
             }
             result
         })

@@ -1211,10 +1211,16 @@ async fn large_batches_with_every_column_set_go_in_by_binary_copy() {
         note: None,
         scratch: vec![],
     }));
+    let echo = EchoCapture::start();
     match session.commit().await.unwrap_err() {
         Error::UniqueViolation { constraint, .. } => assert_eq!(constraint.as_deref(), Some("memberships_pkey")),
         other => panic!("expected a unique violation, got {other:?}"),
     }
+    // Echoed as any failing statement is: no parameters, a duration, the error.
+    let copy = echo.take_starting_with("COPY");
+    assert_eq!((copy.params, copy.elapsed_us.is_some()), (Some(0), true));
+    let logged = copy.error.expect("its error was logged");
+    assert!(logged.contains("memberships_pkey"), "{logged}");
     session.rollback().await.unwrap();
     assert_eq!(
         db.scalar("SELECT count(*) FROM memberships WHERE group_id = 100").await,
