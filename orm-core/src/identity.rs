@@ -7,6 +7,7 @@ use crate::counted::Counted;
 use crate::error::Result;
 use crate::model::Model;
 use crate::query::Pending;
+use crate::sql::LoadSizes;
 use crate::tracked::{Block, Tracked, MAX_BLOCK};
 
 /// The most keys a load makes room for ahead, on a hint: a statement
@@ -386,16 +387,13 @@ impl<M: Model> Identities<M> {
     /// Hashes the keys of the block being gathered, naming for each the
     /// place reserved for the block.
     fn hash_gathering(&mut self) {
-        let Some(gathering) = &mut self.gathering else { return };
-        if gathering.keys.is_empty() {
+        let additional = self.gathering.as_ref().map_or(0, |gathering| gathering.keys.len());
+        if additional == 0 {
             return;
         }
-        let place = *gathering.place.get_or_insert_with(|| self.kept.reserve());
-        let additional = gathering.keys.len();
         self.make_room(additional);
-        let Some(gathering) = &mut self.gathering else {
-            unreachable!("checked above")
-        };
+        let Some(gathering) = &mut self.gathering else { return };
+        let place = *gathering.place.get_or_insert_with(|| self.kept.reserve());
         for (index, key) in (0..).zip(gathering.keys.drain(..)) {
             self.slots.insert(key, Slot { block: place, index });
         }
@@ -442,17 +440,26 @@ impl<M: Model> Identities<M> {
         }
     }
 
-    /// Sets how many keys the load now starting is expected to hash in, as
-    /// its statement's last load did (0 when it ends).
-    pub(crate) fn expect(&mut self, keys: usize) {
-        self.expected = keys.min(MAX_EXPECTED);
+    /// Starts a load by the statement whose last load is `sizes`, as its
+    /// `side`: the map makes room ahead as that load needed, once this one
+    /// hashes enough keys (see [`make_room`](Self::make_room)). Returns the
+    /// map's size now, for [`end_load`](Self::end_load).
+    pub(crate) fn start_load(&mut self, sizes: LoadSizes<'_>, side: usize) -> usize {
+        self.expected = sizes.get(side).min(MAX_EXPECTED);
         self.hashed = 0;
+        self.len()
     }
 
-    /// Whether the load under way hashed enough keys to take a hint: only
-    /// such a load's size is worth remembering.
-    pub(crate) fn hashed_many(&self) -> bool {
-        self.hashed > MAX_BLOCK
+    /// Ends the load that [`start_load`](Self::start_load) began when the
+    /// map held `before` objects. Only a load that hashed more than a
+    /// block's worth of keys, large enough to take a hint, records how many
+    /// objects it added: a statement keeps its large loads' size.
+    pub(crate) fn end_load(&mut self, sizes: LoadSizes<'_>, side: usize, before: usize) {
+        if self.hashed > MAX_BLOCK {
+            sizes.set(side, self.len().saturating_sub(before));
+        }
+        self.expected = 0;
+        self.hashed = 0;
     }
 
     /// Room for `additional` more keys, and once this load has hashed more

@@ -188,9 +188,8 @@ impl<M: Model> std::fmt::Debug for ModelGathering<M> {
 impl<M: Model> ModelGathering<M> {
     fn start(units: &mut SessionUnits<'_>, side: usize) -> Self {
         let mut state = take_unit::<M>(units.0);
-        state.identity.expect(units.1.get(side));
         ModelGathering {
-            before: state.identity.len(),
+            before: state.identity.start_load(units.1, side),
             state: Some(state),
             values: Vec::new(),
             last: None,
@@ -241,10 +240,7 @@ impl<M: Model> ModelGathering<M> {
         self.finish(0);
         self.last = None;
         if let Some(mut state) = self.state.take() {
-            if state.identity.hashed_many() {
-                units.1.set(self.side, state.identity.len().saturating_sub(self.before));
-            }
-            state.identity.expect(0);
+            state.identity.end_load(units.1, self.side, self.before);
             put_unit(units.0, state);
         }
     }
@@ -322,13 +318,12 @@ impl<M: Model> Selection for M {
         let SessionUnits(units, sizes) = units;
         let state = unit_of::<M>(units);
         let had_objects = state.has_objects();
-        state.identity.expect(sizes.get(0));
         IdentityMap {
             had_objects,
             unindexed: !had_objects,
             fresh: std::mem::take(&mut state.spare_rows),
             sizes,
-            before: state.identity.len(),
+            before: state.identity.start_load(sizes, 0),
             state,
         }
     }
@@ -366,11 +361,7 @@ impl<M: Model> Selection for M {
     fn finish(merger: &mut Self::Merger<'_>, out: &mut Vec<Tracked<M>>) {
         merger.state.track_fresh(&mut merger.fresh, merger.unindexed, out);
         merger.state.spare_rows = std::mem::take(&mut merger.fresh);
-        let identity = &mut merger.state.identity;
-        if identity.hashed_many() {
-            merger.sizes.set(0, identity.len().saturating_sub(merger.before));
-        }
-        identity.expect(0);
+        merger.state.identity.end_load(merger.sizes, 0, merger.before);
     }
 
     #[inline]
