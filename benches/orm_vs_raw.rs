@@ -6,6 +6,7 @@
 //! cargo bench --bench orm_vs_raw            # the full run
 //! ORM_BENCH_SMOKE=1 cargo bench --bench orm_vs_raw   # tiny sizes, one sample: CI keeps it compiling and working
 //! ORM_BENCH_ONLY=select,join cargo bench --bench orm_vs_raw   # some workloads only
+//! ORM_BENCH_PIN=1 cargo bench --bench orm_vs_raw   # this process and its server backend on one CPU
 //! ```
 //!
 //! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
@@ -918,6 +919,33 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Puts this process and the server backend behind the pool's one
+/// connection on CPU 0 (`ORM_BENCH_PIN`). Each round trip is then a switch
+/// between two processes on one core rather than a wakeup on another, so
+/// the times are the two sides' CPU work, and the ratio is the ORM's CPU
+/// cost: the regime of a busy machine, where round trips take microseconds.
+/// Without it, which regime a workload runs in is the scheduler's choice.
+async fn pin_to_one_cpu(engine: &Engine) {
+    let conn = engine.connect().await.expect("a connection");
+    let backend: i32 = conn
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the backend's pid")
+        .get(0);
+    for pid in [backend as u32, std::process::id()] {
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status();
+        assert!(
+            matches!(pinned, Ok(status) if status.success()),
+            "ORM_BENCH_PIN needs taskset (util-linux) and the right to set the affinity of process {pid}: {pinned:?}"
+        );
+    }
+    println!("pinned: this process and server backend {backend} on CPU 0");
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let smoke = std::env::var_os("ORM_BENCH_SMOKE").is_some();
@@ -935,6 +963,9 @@ async fn main() {
     let database = TestDatabase::create(&server).await.expect("a scratch database");
     let engine = Engine::builder(database.url()).pool_size(1).build().expect("engine");
     BenchBase::create_all(&engine).await.expect("create_all");
+    if std::env::var_os("ORM_BENCH_PIN").is_some() {
+        pin_to_one_cpu(&engine).await;
+    }
 
     let mut bench = Bench {
         config,
