@@ -300,10 +300,17 @@ impl Session {
             .with_pending_begin(&self.begin_pending)
     }
 
-    /// Lets the connection go back to the pool when no transaction holds it.
+    /// Lets the connection go back to the engine when no transaction holds it.
     fn release_if_idle(&mut self) {
         if !self.in_transaction {
-            self.conn = None;
+            self.release_connection();
+        }
+    }
+
+    /// Gives the connection, in a clean state, back to the engine.
+    fn release_connection(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.engine.release(conn);
         }
     }
 
@@ -434,7 +441,7 @@ impl Session {
                 return Err(error);
             }
         }
-        self.conn = None;
+        self.release_connection();
         let expire = self.config.expire_on_commit;
         for unit in self.units.values_mut() {
             unit.after_commit(expire);
@@ -472,7 +479,7 @@ impl Session {
                 self.discard_connection();
             }
         }
-        self.conn = None;
+        self.release_connection();
         self.failed = None;
         self.busy = false;
         result

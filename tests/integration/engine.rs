@@ -146,16 +146,10 @@ async fn pool_size_and_timeout_are_honoured() {
     db.engine.connect().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_pooled_connection_that_died_while_idle_is_replaced_at_checkout() {
-    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
-    let backend_pid = |conn: orm::Connection| async move {
-        let rows = conn.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap();
-        rows[0].get::<_, i32>(0)
-    };
-    let pid = backend_pid(db.engine.connect().await.unwrap()).await;
-
-    // Ended from another engine: this one's only connection sits in its pool.
+/// Ends the server process `pid` from another engine, and returns once the
+/// server no longer lists it and the connection's task has had time to read
+/// the server's goodbye.
+async fn end_backend(db: &crate::common::TestDb, pid: i32) {
     let admin = Engine::builder(db.database.url()).build().unwrap();
     let admin = admin.connect().await.unwrap();
     admin
@@ -166,8 +160,20 @@ async fn a_pooled_connection_that_died_while_idle_is_replaced_at_checkout() {
     while admin.raw_query(gone, &[&pid]).await.unwrap()[0].get::<_, i64>(0) > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Lets the pooled connection's task read the server's goodbye.
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_that_died_while_idle_is_replaced_at_checkout() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
+    let backend_pid = |conn: orm::Connection| async move {
+        let rows = conn.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap();
+        rows[0].get::<_, i32>(0)
+    };
+    let pid = backend_pid(db.engine.connect().await.unwrap()).await;
+
+    // This engine's only connection sits in its pool.
+    end_backend(&db, pid).await;
 
     let new_pid = backend_pid(db.engine.connect().await.unwrap()).await;
     assert_ne!(new_pid, pid, "the dead connection was handed out again");
@@ -269,4 +275,90 @@ async fn a_server_asking_for_a_password_none_was_given_for_is_an_authentication_
         other => panic!("expected an authentication failure, got {other:?}"),
     }
     server.abort();
+}
+
+/// The server process behind the connection a session reads through.
+async fn session_backend_pid(session: &mut Session) -> i32 {
+    session.raw_query("SELECT pg_backend_pid()", &[]).await.unwrap()[0].get(0)
+}
+
+#[tokio::test]
+async fn a_connection_a_session_gives_back_serves_the_next_checkout() {
+    let db = crate::common::test_db_with(|b| b.pool_size(2)).await;
+    let readers = sessionmaker(&db.engine).autocommit(true);
+    let mut first = readers.session();
+    let pid = session_backend_pid(&mut first).await;
+    let status = db.engine.pool_status();
+    assert_eq!(
+        (status.size, status.available),
+        (1, 1),
+        "given back, and counted as free"
+    );
+
+    let mut second = readers.session();
+    assert_eq!(session_backend_pid(&mut second).await, pid);
+    assert_eq!(session_backend_pid(&mut first).await, pid);
+    assert_eq!(db.engine.pool_status().size, 1, "no second connection was opened");
+}
+
+#[tokio::test]
+async fn a_connection_given_back_while_a_checkout_waits_goes_to_the_waiter() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1).pool_timeout(Duration::from_secs(5))).await;
+    let mut holder = sessionmaker(&db.engine).session();
+    let pid = session_backend_pid(&mut holder).await; // inside its transaction: held
+
+    let readers = sessionmaker(&db.engine).autocommit(true);
+    let waiter = tokio::spawn(async move {
+        let mut session = readers.session();
+        session
+            .raw_query("SELECT pg_backend_pid()", &[])
+            .await
+            .map(|rows| rows[0].get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the pool's one connection is held");
+
+    // Kept at hand instead, the connection would leave the waiter to time out.
+    holder.commit().await.unwrap();
+    let waited = waiter.await.unwrap();
+    assert_eq!(waited.unwrap(), pid);
+    let status = db.engine.pool_status();
+    assert_eq!((status.size, status.available), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_one_connection_all_get_their_turn() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1).pool_timeout(Duration::from_secs(10))).await;
+    let readers = sessionmaker(&db.engine).autocommit(true);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let readers = readers.clone();
+            tokio::spawn(async move {
+                let mut session = readers.session();
+                for _ in 0..200 {
+                    session.raw_query("SELECT 1", &[]).await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let status = db.engine.pool_status();
+    assert_eq!((status.size, status.available), (1, 1));
+}
+
+#[tokio::test]
+async fn a_connection_at_hand_that_died_is_replaced_at_checkout() {
+    let db = crate::common::test_db_with(|b| b.pool_size(1)).await;
+    let readers = sessionmaker(&db.engine).autocommit(true);
+    let pid = session_backend_pid(&mut readers.session()).await;
+
+    // This engine's only connection is at hand, outside its pool.
+    end_backend(&db, pid).await;
+
+    let new_pid = session_backend_pid(&mut readers.session()).await;
+    assert_ne!(new_pid, pid, "the dead connection was handed out again");
+    assert_eq!(db.engine.pool_status().size, 1, "it was replaced, not added to");
 }
