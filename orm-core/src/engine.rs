@@ -422,10 +422,6 @@ impl Engine {
     /// into the pool. Connections dropped elsewhere go back into the pool
     /// as before.
     pub(crate) fn release(&self, conn: PooledConnection) {
-        if self.inner.waiting.load(Ordering::SeqCst) > 0 {
-            drop(conn);
-            return;
-        }
         let mut idle = self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.is_some() {
             drop(idle);

@@ -283,7 +283,7 @@ async fn session_backend_pid(session: &mut Session) -> i32 {
 }
 
 #[tokio::test]
-async fn a_connection_a_session_gives_back_serves_the_next_checkout() {
+async fn a_connection_kept_at_hand_counts_as_available_and_serves_the_next_checkout() {
     let db = crate::common::test_db_with(|b| b.pool_size(2)).await;
     let readers = sessionmaker(&db.engine).autocommit(true);
     let mut first = readers.session();
