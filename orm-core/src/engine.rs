@@ -549,7 +549,18 @@ impl<'c> Executor<'c> {
             }
             _ => (Ok(()), start().await),
         };
-        if let Err(error) = &result {
+        self.after_statement(&result);
+        began?;
+        result
+    }
+
+    /// Whether the next statement must carry the transaction's `BEGIN`.
+    fn begin_pending(&self) -> bool {
+        self.pending_begin.is_some_and(|flag| flag.load(Ordering::Acquire))
+    }
+
+    fn after_statement<T>(&self, result: &Result<T>) {
+        if let Err(error) = result {
             if error.is_stale_statement() {
                 // A table's columns changed type since this connection
                 // prepared its statements: prepare them again from the next
@@ -558,8 +569,6 @@ impl<'c> Executor<'c> {
                 self.client.forget_prepared();
             }
         }
-        began?;
-        result
     }
 
     /// Runs the statement `start` makes, with echo: its text, parameter
@@ -569,12 +578,13 @@ impl<'c> Executor<'c> {
     where
         F: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     {
-        if !self.echo {
-            return start().await.map_err(Error::from_driver);
-        }
-        let started = Instant::now();
+        // One await of the statement, not one per branch: each would inline
+        // its own copy of the driver's polling code.
+        let started = self.echo.then(Instant::now);
         let result = start().await.map_err(Error::from_driver);
-        log_echo(sql, params, started.elapsed(), result.as_ref().err());
+        if let Some(started) = started {
+            log_echo(sql, params, started.elapsed(), result.as_ref().err());
+        }
         result
     }
 
@@ -591,12 +601,20 @@ impl<'c> Executor<'c> {
     /// The statement prepared on this connection for `bound`'s text: found
     /// by the text's number in the engine's cache, or prepared now.
     async fn statement(&self, bound: BoundSql<'_>) -> Result<Statement> {
+        if let Some(statement) = bound.slot.and_then(|slot| self.client.prepared(slot)) {
+            return Ok(statement);
+        }
+        // Boxed: preparing happens once per statement and connection, and
+        // the driver's prepare future is larger than the query's own.
+        Box::pin(self.prepare(bound)).await
+    }
+
+    /// Prepares `bound`'s text on this connection and keeps the statement
+    /// under the text's number, or in the driver's cache when it has none.
+    async fn prepare(&self, bound: BoundSql<'_>) -> Result<Statement> {
         let Some(slot) = bound.slot else {
             return self.client.prepare_cached(bound.sql).await.map_err(Error::from_driver);
         };
-        if let Some(statement) = self.client.prepared(slot) {
-            return Ok(statement);
-        }
         let statement = self.client.prepare(bound.sql).await.map_err(Error::from_driver)?;
         self.client.keep_prepared(slot, statement.clone());
         Ok(statement)
@@ -605,7 +623,14 @@ impl<'c> Executor<'c> {
     /// Runs a query and hands each row to `on_row` as it arrives, without
     /// collecting the rows first.
     pub(crate) async fn for_each_row(&self, bound: BoundSql<'_>, on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
-        self.pipelined(move || self.for_each_row_now(bound, on_row)).await
+        // Boxed: once per transaction, where the room of the join with the
+        // BEGIN would otherwise be carried by every read's future.
+        if self.begin_pending() {
+            return Box::pin(self.pipelined(move || self.for_each_row_now(bound, on_row))).await;
+        }
+        let result = self.for_each_row_now(bound, on_row).await;
+        self.after_statement(&result);
+        result
     }
 
     async fn for_each_row_now(&self, bound: BoundSql<'_>, mut on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {

@@ -473,7 +473,9 @@ impl Session {
             self.begin_pending.store(false, Ordering::Release);
         } else if self.in_transaction {
             self.busy = true;
-            result = self.end_transaction("ROLLBACK").await;
+            // Boxed: close() ends every request, most often with no
+            // transaction open, and need not carry a statement's future.
+            result = Box::pin(self.end_transaction("ROLLBACK")).await;
             self.busy = false;
             if result.is_err() {
                 self.discard_connection();
