@@ -7,6 +7,7 @@
 //! ORM_BENCH_SMOKE=1 cargo bench --bench orm_vs_raw   # tiny sizes, one sample: CI keeps it compiling and working
 //! ORM_BENCH_ONLY=select,join cargo bench --bench orm_vs_raw   # some workloads only
 //! ORM_BENCH_PIN=1 cargo bench --bench orm_vs_raw   # this process and its server backend on one CPU
+//! ORM_BENCH_PIN=split cargo bench --bench orm_vs_raw   # ... on two CPUs, one each
 //! ```
 //!
 //! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
@@ -919,13 +920,16 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Puts this process and the server backend behind the pool's one
-/// connection on CPU 0 (`ORM_BENCH_PIN`). Each round trip is then a switch
-/// between two processes on one core rather than a wakeup on another, so
-/// the times are the two sides' CPU work, and the ratio is the ORM's CPU
-/// cost: the regime of a busy machine, where round trips take microseconds.
-/// Without it, which regime a workload runs in is the scheduler's choice.
-async fn pin_to_one_cpu(engine: &Engine) {
+/// Pins this process and the server backend behind the pool's one
+/// connection (`ORM_BENCH_PIN`). `1`: both on CPU 0. Each round trip is then
+/// a switch between two processes on one core rather than a wakeup on
+/// another, so the times are the two sides' CPU work, and the ratio is the
+/// ORM's CPU cost: the regime of a busy machine, where round trips take
+/// microseconds. `split`: the backend on CPU 0 and this process on CPU 1,
+/// so every round trip crosses cores, as on an idle machine. Without it,
+/// which regime a workload runs in is the scheduler's choice, and may change
+/// from one sample to the next.
+async fn pin_cpus(engine: &Engine, split: bool) {
     let conn = engine.connect().await.expect("a connection");
     let backend: i32 = conn
         .client()
@@ -933,17 +937,18 @@ async fn pin_to_one_cpu(engine: &Engine) {
         .await
         .expect("the backend's pid")
         .get(0);
-    for pid in [backend as u32, std::process::id()] {
+    let this_cpu = if split { "1" } else { "0" };
+    for (pid, cpu) in [(backend as u32, "0"), (std::process::id(), this_cpu)] {
         let pinned = std::process::Command::new("taskset")
-            .args(["-a", "-p", "-c", "0", &pid.to_string()])
+            .args(["-a", "-p", "-c", cpu, &pid.to_string()])
             .stdout(std::process::Stdio::null())
             .status();
         assert!(
             matches!(pinned, Ok(status) if status.success()),
-            "ORM_BENCH_PIN needs taskset (util-linux) and the right to set the affinity of process {pid}: {pinned:?}"
+            "ORM_BENCH_PIN needs taskset (util-linux), a CPU {cpu}, and the right to set the affinity of process {pid}: {pinned:?}"
         );
     }
-    println!("pinned: this process and server backend {backend} on CPU 0");
+    println!("pinned: server backend {backend} on CPU 0, this process on CPU {this_cpu}");
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -963,8 +968,10 @@ async fn main() {
     let database = TestDatabase::create(&server).await.expect("a scratch database");
     let engine = Engine::builder(database.url()).pool_size(1).build().expect("engine");
     BenchBase::create_all(&engine).await.expect("create_all");
-    if std::env::var_os("ORM_BENCH_PIN").is_some() {
-        pin_to_one_cpu(&engine).await;
+    match std::env::var("ORM_BENCH_PIN").as_deref() {
+        Err(_) => {}
+        Ok("split") => pin_cpus(&engine, true).await,
+        Ok(_) => pin_cpus(&engine, false).await,
     }
 
     let mut bench = Bench {
