@@ -543,20 +543,28 @@ impl<'c> Executor<'c> {
     where
         F: std::future::Future<Output = Result<T>>,
     {
-        let (began, result) = match self.pending_begin {
-            Some(flag) if flag.swap(false, Ordering::AcqRel) => {
-                futures_util::future::join(self.batch_now("BEGIN"), start()).await
-            }
-            _ => (Ok(()), start().await),
-        };
+        // Boxed: once per transaction, where the room of the join with the
+        // BEGIN would otherwise be carried by every statement's future.
+        if self
+            .pending_begin
+            .is_some_and(|flag| flag.swap(false, Ordering::AcqRel))
+        {
+            return Box::pin(self.with_begin(start)).await;
+        }
+        let result = start().await;
         self.after_statement(&result);
-        began?;
         result
     }
 
-    /// Whether the next statement must carry the transaction's `BEGIN`.
-    fn begin_pending(&self) -> bool {
-        self.pending_begin.is_some_and(|flag| flag.load(Ordering::Acquire))
+    /// Sends the transaction's `BEGIN` and the work `start` makes together.
+    async fn with_begin<T, F>(&self, start: impl FnOnce() -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
+        let (began, result) = futures_util::future::join(self.batch_now("BEGIN"), start()).await;
+        self.after_statement(&result);
+        began?;
+        result
     }
 
     fn after_statement<T>(&self, result: &Result<T>) {
@@ -623,14 +631,7 @@ impl<'c> Executor<'c> {
     /// Runs a query and hands each row to `on_row` as it arrives, without
     /// collecting the rows first.
     pub(crate) async fn for_each_row(&self, bound: BoundSql<'_>, on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {
-        // Boxed: once per transaction, where the room of the join with the
-        // BEGIN would otherwise be carried by every read's future.
-        if self.begin_pending() {
-            return Box::pin(self.pipelined(move || self.for_each_row_now(bound, on_row))).await;
-        }
-        let result = self.for_each_row_now(bound, on_row).await;
-        self.after_statement(&result);
-        result
+        self.pipelined(move || self.for_each_row_now(bound, on_row)).await
     }
 
     async fn for_each_row_now(&self, bound: BoundSql<'_>, mut on_row: impl FnMut(Row) -> Result<()>) -> Result<()> {

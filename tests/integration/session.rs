@@ -1345,7 +1345,7 @@ async fn a_role_that_may_not_take_sequence_values_still_inserts_large_batches() 
 /// Then a read carried, inline, the futures of a transaction's BEGIN sent
 /// with it and of preparing its statement, and a close that of a ROLLBACK:
 /// each rare where it sits, and boxed now (this query's future went from
-/// 2.7 KB to 2.3 KB, a close's from 648 bytes to under 256). The driver's
+/// 2.7 KB to 2.4 KB, a close's from 648 bytes to under 256). The driver's
 /// own query future is about 1 KB of what is left.
 #[tokio::test]
 async fn query_and_flush_futures_stay_small() {
