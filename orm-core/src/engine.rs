@@ -58,6 +58,13 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// Shapes of statement an engine keeps rendered SQL for, unless told otherwise.
+const DEFAULT_QUERY_CACHE_SIZE: usize = 4096;
+
+/// The most shapes an engine may keep: each costs two counters up front
+/// (see `LoadSizes`), and numbers must fit in `u32`.
+const MAX_QUERY_CACHE_SIZE: usize = 65_536;
+
 /// Options for an [`Engine`], named after `create_engine`'s keywords.
 #[derive(Clone)]
 pub struct EngineBuilder {
@@ -68,6 +75,7 @@ pub struct EngineBuilder {
     statement_timeout: Option<Duration>,
     echo: bool,
     application_name: Option<String>,
+    query_cache_size: usize,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -83,6 +91,7 @@ impl fmt::Debug for EngineBuilder {
             .field("statement_timeout", &self.statement_timeout)
             .field("echo", &self.echo)
             .field("application_name", &self.application_name)
+            .field("query_cache_size", &self.query_cache_size)
             .finish()
     }
 }
@@ -127,6 +136,17 @@ impl EngineBuilder {
         self
     }
 
+    /// How many shapes of statement the engine keeps rendered SQL for
+    /// (`query_cache_size`, default 4096, at most 65536). Each pooled
+    /// connection prepares a kept text once and finds it again by its number
+    /// in the cache; a statement of any other shape is rendered each time it
+    /// runs and prepared through the driver's statement cache instead. 0
+    /// keeps none.
+    pub fn query_cache_size(mut self, shapes: usize) -> Self {
+        self.query_cache_size = shapes;
+        self
+    }
+
     /// Validates the options and builds the engine. Connects to nothing.
     pub fn build(self) -> Result<Engine> {
         let url = DatabaseUrl::parse(&self.url)?;
@@ -140,6 +160,12 @@ impl EngineBuilder {
             return Err(Error::InvalidOption {
                 option: "pool_timeout",
                 reason: "must be longer than zero".into(),
+            });
+        }
+        if self.query_cache_size > MAX_QUERY_CACHE_SIZE {
+            return Err(Error::InvalidOption {
+                option: "query_cache_size",
+                reason: format!("must be at most {MAX_QUERY_CACHE_SIZE}"),
             });
         }
         let mut config = url.to_config()?;
@@ -193,7 +219,7 @@ impl EngineBuilder {
             inner: Arc::new(EngineInner {
                 idle: Mutex::new(None),
                 waiting: AtomicUsize::new(0),
-                sql: SqlCache::default(),
+                sql: SqlCache::with_capacity(self.query_cache_size),
                 url,
                 pool,
                 pool_timeout: self.pool_timeout,
@@ -326,6 +352,7 @@ impl Engine {
             statement_timeout: None,
             echo: false,
             application_name: None,
+            query_cache_size: DEFAULT_QUERY_CACHE_SIZE,
         }
     }
 

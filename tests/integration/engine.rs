@@ -58,6 +58,12 @@ fn bad_options_are_typed_errors_naming_the_option() {
         option(Engine::builder(url).statement_timeout(Duration::ZERO)),
         "statement_timeout"
     );
+    assert_eq!(
+        option(Engine::builder(url).query_cache_size(65_537)),
+        "query_cache_size"
+    );
+    assert!(Engine::builder(url).query_cache_size(65_536).build().is_ok());
+    assert!(Engine::builder(url).query_cache_size(0).build().is_ok());
 }
 
 #[tokio::test]

@@ -387,7 +387,25 @@ async fn a_limit_or_offset_beyond_bigint_is_an_error_naming_it() {
 /// again prepares nothing more on the server.
 #[tokio::test]
 async fn a_connection_prepares_each_shape_once_and_never_mixes_them_up() {
-    let db = crate::common::test_db_with(|builder| builder.pool_size(1)).await;
+    prepares_each_shape_once(None).await;
+}
+
+/// Shapes beyond the engine's `query_cache_size` are rendered each time and
+/// prepared through the driver's statement cache: still once per
+/// connection, still each with its own rows.
+#[tokio::test]
+async fn shapes_beyond_the_query_cache_are_still_prepared_once_per_connection() {
+    // Two: the flush's INSERT and the first select take them.
+    prepares_each_shape_once(Some(2)).await;
+    prepares_each_shape_once(Some(0)).await;
+}
+
+async fn prepares_each_shape_once(query_cache_size: Option<usize>) {
+    let db = crate::common::test_db_with(|builder| match query_cache_size {
+        Some(shapes) => builder.pool_size(1).query_cache_size(shapes),
+        None => builder.pool_size(1),
+    })
+    .await;
     crate::models::TestBase::create_all(&db.engine).await.unwrap();
     let mut session = sessionmaker(&db.engine).autocommit(true).session();
     session.add_all(["sandy", "patrick", "squidward", "gary"].map(User::new));
@@ -449,6 +467,8 @@ async fn a_connection_prepares_each_shape_once_and_never_mixes_them_up() {
         assert_eq!(run_shape(&mut session, shape).await, expected(shape), "shape {shape}");
     }
     assert_eq!(selects_prepared(&mut session).await, prepared);
+    let kept = query_cache_size.unwrap_or(usize::MAX);
+    assert_eq!(db.engine.sql_cache().len(), kept.min(7), "the INSERT and six selects");
 }
 
 #[tokio::test]

@@ -707,7 +707,7 @@ mod tests {
 
     #[test]
     fn the_cache_renders_each_shape_once_and_binds_values_in_placeholder_order() {
-        let cache = SqlCache::default();
+        let cache = SqlCache::with_capacity(64);
         let first = cache.render(busy_select("s%", 1, 9, vec![4, 5], 10));
         assert_eq!(
             &*first.sql,
@@ -729,7 +729,7 @@ mod tests {
 
     #[test]
     fn statements_that_differ_in_anything_but_values_are_different_shapes() {
-        let cache = SqlCache::default();
+        let cache = SqlCache::with_capacity(64);
         let mut texts = std::collections::HashSet::new();
         let variants: Vec<SelectStatement> = vec![
             busy_select("a", 1, 2, vec![], 3),
@@ -811,7 +811,7 @@ mod tests {
 
     #[test]
     fn all_columns_of_a_model_render_in_its_order_and_name_its_own_shape() {
-        let cache = SqlCache::default();
+        let cache = SqlCache::with_capacity(64);
         let users = cache.render(select_all_of(&[&USERS]));
         assert_eq!(&*users.sql, r#"SELECT "users"."id", "users"."name" FROM "users""#);
         let both = cache.render(select_all_of(&[&USERS, &POSTS]));
@@ -847,7 +847,7 @@ mod tests {
 
     #[test]
     fn texts_rendered_at_once_on_several_threads_get_distinct_dense_numbers() {
-        let cache = SqlCache::default();
+        let cache = SqlCache::with_capacity(64);
         // Shapes 1..=40, each rendered by four threads at once, in
         // different orders.
         let numbers: Vec<Vec<(usize, u32)>> = std::thread::scope(|scope| {

@@ -386,11 +386,6 @@ thread_local! {
     static SHAPE_BUFFER: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
 }
 
-/// Beyond this many shapes, new ones are rendered every time instead of
-/// cached: statements built in a loop (an `AND` of n terms) must not grow
-/// the cache without bound.
-const CAPACITY: usize = 4096;
-
 /// SQL text by statement shape, shared by an engine's sessions, so each
 /// shape of statement is rendered once.
 pub struct SqlCache {
@@ -410,14 +405,10 @@ impl std::fmt::Debug for SqlCache {
     }
 }
 
-impl Default for SqlCache {
-    fn default() -> Self {
-        Self::with_capacity(CAPACITY)
-    }
-}
-
 impl SqlCache {
-    /// A cache that keeps at most `capacity` shapes.
+    /// A cache that keeps at most `capacity` shapes. Beyond them, new shapes
+    /// are rendered every time instead of cached: statements built in a
+    /// loop (an `AND` of n terms) must not grow the cache without bound.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         SqlCache {
             dialect: PgDialect,
