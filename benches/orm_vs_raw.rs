@@ -951,6 +951,9 @@ async fn pin_cpus(engine: &Engine, split: bool) {
     println!("pinned: server backend {backend} on CPU 0, this process on CPU {this_cpu}");
 }
 
+/// The names `ORM_BENCH_ONLY` takes.
+const WORKLOADS: [&str; 7] = ["stream", "select", "get", "join", "insert", "insert_keyed", "update"];
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let smoke = std::env::var_os("ORM_BENCH_SMOKE").is_some();
@@ -964,14 +967,18 @@ async fn main() {
             .collect(),
         budget: Duration::from_millis(if smoke { 0 } else { 1_500 }),
     };
+    if let Some(unknown) = config.only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        panic!("ORM_BENCH_ONLY names {unknown:?}, not a workload; the workloads: {WORKLOADS:?}");
+    }
     let server = DevServer::start().await.expect("a PostgreSQL server");
     let database = TestDatabase::create(&server).await.expect("a scratch database");
     let engine = Engine::builder(database.url()).pool_size(1).build().expect("engine");
     BenchBase::create_all(&engine).await.expect("create_all");
     match std::env::var("ORM_BENCH_PIN").as_deref() {
         Err(_) => {}
+        Ok("1") => pin_cpus(&engine, false).await,
         Ok("split") => pin_cpus(&engine, true).await,
-        Ok(_) => pin_cpus(&engine, false).await,
+        Ok(other) => panic!("ORM_BENCH_PIN={other:?}: expected 1 (one CPU) or split (two)"),
     }
 
     let mut bench = Bench {
