@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::model::Model;
 use crate::query::Pending;
 use crate::sql::LoadSizes;
-use crate::tracked::{Block, Tracked, MAX_BLOCK};
+use crate::tracked::{Block, Held, Tracked, MAX_BLOCK};
 
 /// The most keys a load makes room for ahead, on a hint: a statement
 /// whose last load was huge must not make the next one allocate for all
@@ -51,6 +51,11 @@ impl<M> KeptBlocks<M> {
     /// A handle to the object in `slot`.
     fn handle(&self, slot: Slot) -> Tracked<M> {
         Tracked::in_block(self.block_at(slot.block), slot.index)
+    }
+
+    /// The object in `slot`, borrowed.
+    fn held(&self, slot: Slot) -> Held<'_, M> {
+        Held::in_block(self.block_at(slot.block), slot.index)
     }
 
     fn is(&self, slot: Slot, object: &Tracked<M>) -> bool {
@@ -543,7 +548,7 @@ impl<M: Model> Identities<M> {
     }
 
     /// Every entry, with a handle to its object.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Tracked<M>)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Held<'_, M>)> + '_ {
         self.debug_assert_not_gathering();
         let slots = self
             .unindexed
@@ -556,10 +561,10 @@ impl<M: Model> Identities<M> {
             .unindexed_keys
             .iter()
             .zip(slots)
-            .map(|(key, slot)| (key, self.kept.handle(slot)));
+            .map(|(key, slot)| (key, self.kept.held(slot)));
         self.slots
             .iter()
-            .map(|(key, &slot)| (key, self.kept.handle(slot)))
+            .map(|(key, &slot)| (key, self.kept.held(slot)))
             .chain(unindexed)
     }
 }

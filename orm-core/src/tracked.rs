@@ -333,13 +333,83 @@ fn borrowed<M: Model>() -> Error {
     ))
 }
 
-impl<M> Tracked<M> {
+/// An object in a block, borrowed rather than held: what the session's
+/// flush inspects in every object of its identity map. Taking a
+/// [`Tracked`] handle for each costs an atomic increment and decrement,
+/// where most objects need neither (they did not change).
+pub(crate) struct Held<'a, M> {
+    block: &'a Block<M>,
+    index: usize,
+}
+
+impl<'a, M> Held<'a, M> {
+    /// The object at `index` in `block`.
+    pub(crate) fn in_block(block: &'a Block<M>, index: u32) -> Self {
+        Held {
+            block,
+            index: index as usize,
+        }
+    }
+
     #[inline]
-    fn shared(&self) -> &Shared<M> {
+    fn shared(&self) -> &'a Shared<M> {
         match &self.block.objects {
             Objects::One(object) => object,
             Objects::Many(objects) => &objects[self.index],
         }
+    }
+
+    /// A handle to the object.
+    pub(crate) fn to_handle(&self) -> Tracked<M> {
+        Tracked::from_counted(self.block.clone(), self.index)
+    }
+}
+
+impl<'a, M: Model> Held<'a, M> {
+    pub(crate) fn meta(&self) -> MetaRef<'a> {
+        MetaRef {
+            meta: &self.shared().meta,
+            owner: &self.block.owner,
+        }
+    }
+
+    /// See [`Tracked::data`].
+    pub(crate) fn data(&self) -> Result<RwLockReadGuard<'a, Data<M>>> {
+        match self.shared().data.try_read() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
+        }
+    }
+
+    /// See [`Tracked::data_mut`].
+    pub(crate) fn data_mut(&self) -> Result<RwLockWriteGuard<'a, Data<M>>> {
+        match self.shared().data.try_write() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
+        }
+    }
+
+    /// See [`Tracked::version`].
+    pub(crate) fn version(&self) -> u32 {
+        self.shared().meta.version.load(Ordering::Acquire)
+    }
+}
+
+impl<M> Tracked<M> {
+    /// The object, borrowed through this handle.
+    #[inline]
+    fn held(&self) -> Held<'_, M> {
+        Held {
+            block: &self.block,
+            index: self.index,
+        }
+    }
+
+    #[inline]
+    fn shared(&self) -> &Shared<M> {
+        self.held().shared()
     }
 
     /// A handle to the object at `index` in `block`.
@@ -370,34 +440,23 @@ impl<M> Tracked<M> {
 
 impl<M: Model> Tracked<M> {
     pub(crate) fn meta(&self) -> MetaRef<'_> {
-        MetaRef {
-            meta: &self.shared().meta,
-            owner: &self.block.owner,
-        }
+        self.held().meta()
     }
 
     /// The value, for the session: fails instead of waiting on a caller's
     /// mutable borrow, which could only be released after the session's call.
     pub(crate) fn data(&self) -> Result<RwLockReadGuard<'_, Data<M>>> {
-        match self.shared().data.try_read() {
-            Ok(guard) => Ok(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
-        }
+        self.held().data()
     }
 
     /// The value, mutably, for the session; fails on any caller's borrow.
     pub(crate) fn data_mut(&self) -> Result<RwLockWriteGuard<'_, Data<M>>> {
-        match self.shared().data.try_write() {
-            Ok(guard) => Ok(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => Err(borrowed::<M>()),
-        }
+        self.held().data_mut()
     }
 
     /// How many times the object was borrowed mutably.
     pub(crate) fn version(&self) -> u32 {
-        self.shared().meta.version.load(Ordering::Acquire)
+        self.held().version()
     }
 
     /// Borrows the object's current value.

@@ -253,15 +253,20 @@ impl<M: Model> TableState<M> {
     fn dirty_groups(&self) -> Result<BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>>> {
         let table = M::TABLE;
         let mut groups: BTreeMap<Vec<usize>, Vec<(Tracked<M>, u32)>> = BTreeMap::new();
+        // The changed columns of one object at a time; a list of its own is
+        // made only for the first object of each group.
+        let mut changed: Vec<usize> = Vec::new();
         for (key, tracked) in self.identity.iter() {
             let data = tracked.data()?;
             let Some(loaded) = &data.loaded else { continue };
             // Read under the lock: a write() needs it, so value and version agree.
             let version = tracked.version();
             let resend_all = tracked.meta().resend_all();
-            let changed: Vec<usize> = (0..table.columns.len())
-                .filter(|&c| data.value.column_differs(loaded, c) || (resend_all && !table.columns[c].primary_key))
-                .collect();
+            changed.clear();
+            changed
+                .extend((0..table.columns.len()).filter(|&c| {
+                    data.value.column_differs(loaded, c) || (resend_all && !table.columns[c].primary_key)
+                }));
             drop(data);
             if changed.is_empty() {
                 // Borrowed mutably but left as it was: nothing to send. While
@@ -283,7 +288,13 @@ impl<M: Model> TableState<M> {
                     table.name, table.columns[pk].name
                 )));
             }
-            groups.entry(changed).or_default().push((tracked.clone(), version));
+            let handle = (tracked.to_handle(), version);
+            match groups.get_mut(changed.as_slice()) {
+                Some(group) => group.push(handle),
+                None => {
+                    groups.insert(changed.clone(), vec![handle]);
+                }
+            }
         }
         Ok(groups)
     }

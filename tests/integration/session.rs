@@ -195,6 +195,59 @@ async fn many_updates_of_one_shape_are_one_statement() {
     );
 }
 
+/// Objects that changed different columns go out in one statement per set
+/// of columns, interleaved or not, each row with its own values.
+#[tokio::test]
+async fn updates_are_grouped_by_the_columns_that_changed() {
+    let db = setup().await;
+    let mut session = sessionmaker(&db.engine).session();
+    let users = session.add_all((0..6).map(|i| User::new(&format!("u{i}"))));
+    session.flush().await.unwrap();
+    for (i, user) in users.iter().enumerate() {
+        let mut user = user.write();
+        match i % 3 {
+            0 => user.name = format!("renamed {i}"),
+            1 => user.email = Some(format!("u{i}@example.com")),
+            _ => {
+                user.name = format!("renamed {i}");
+                user.email = Some(format!("u{i}@example.com"));
+            }
+        }
+    }
+    let echo = EchoCapture::start();
+    session.commit().await.unwrap();
+    let mut updates: Vec<String> = echo
+        .take()
+        .into_iter()
+        .filter(|s| s.starts_with("UPDATE"))
+        .map(|s| s[..s.find(" FROM").unwrap()].to_owned())
+        .collect();
+    updates.sort();
+    assert_eq!(
+        updates,
+        [
+            r#"UPDATE "users" SET "email" = "orm_rows"."email""#,
+            r#"UPDATE "users" SET "name" = "orm_rows"."name""#,
+            r#"UPDATE "users" SET "name" = "orm_rows"."name", "email" = "orm_rows"."email""#,
+        ]
+    );
+    // Nothing left to send.
+    session.flush().await.unwrap();
+    assert!(echo.take().is_empty());
+    assert_eq!(
+        db.strings("SELECT name || ' ' || coalesce(email, '-') FROM users ORDER BY id")
+            .await,
+        [
+            "renamed 0 -",
+            "u1 u1@example.com",
+            "renamed 2 u2@example.com",
+            "renamed 3 -",
+            "u4 u4@example.com",
+            "renamed 5 u5@example.com",
+        ]
+    );
+}
+
 #[tokio::test]
 async fn autoflush_on_lets_queries_see_pending_objects() {
     let db = setup().await;
