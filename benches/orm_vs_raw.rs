@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The workloads' names for `ORM_BENCH_ONLY`: `stream`, `select`, `get`,
-//! `join` (the three join workloads), `insert`, `insert_keyed`, `update`.
+//! `join` (the three join workloads), `insert`, `insert_keyed`, `update`,
+//! `delete`.
 //!
 //! The raw side uses statements prepared once, on the same pooled connection
 //! the ORM's sessions use (a pool of one), so that both talk to the same
@@ -294,6 +295,48 @@ async fn each_raw_row<P, I>(
     }
 }
 
+/// Empties `users` and `posts` and fills `users` with `count` rows, with
+/// fresh statistics for the planner.
+async fn fill_users(engine: &Engine, count: usize) {
+    let conn = engine.connect().await.unwrap();
+    conn.client()
+        .batch_execute(&format!(
+            "TRUNCATE users, posts RESTART IDENTITY; \
+             INSERT INTO users (name, email, age) SELECT 'user ' || i, 'user' || i || '@example.com', i % 90 \
+             FROM generate_series(1, {count}) AS i; \
+             ANALYZE users"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Every user, loaded by hand, with the connection they came on, still
+/// checked out.
+async fn load_users_by_hand(engine: &Engine) -> (orm::Connection, Vec<User>) {
+    let conn = engine.connect().await.unwrap();
+    let users = conn
+        .client()
+        .query("SELECT id, name, email, age FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(user_from_row)
+        .collect();
+    (conn, users)
+}
+
+/// The count of `users` rows whose age is `age`, or of all rows.
+async fn count_users(engine: &Engine, age: Option<i32>) -> usize {
+    let conn = engine.connect().await.unwrap();
+    let count: i64 = conn
+        .client()
+        .query_one("SELECT count(*) FROM users WHERE $1::int4 IS NULL OR age = $1", &[&age])
+        .await
+        .unwrap()
+        .get(0);
+    count as usize
+}
+
 /// Times one future.
 async fn timed<F: Future<Output = ()>>(work: F) -> Duration {
     let started = Instant::now();
@@ -361,13 +404,7 @@ impl Bench {
     }
 
     async fn fill_users(&self, count: usize) {
-        self.sql("TRUNCATE users, posts RESTART IDENTITY").await;
-        self.sql(&format!(
-            "INSERT INTO users (name, email, age) SELECT 'user ' || i, 'user' || i || '@example.com', i % 90 \
-             FROM generate_series(1, {count}) AS i"
-        ))
-        .await;
-        self.sql("ANALYZE users").await;
+        fill_users(&self.engine, count).await;
     }
 
     async fn select_all(&mut self, rows: usize) {
@@ -781,62 +818,172 @@ impl Bench {
 
     async fn update(&mut self, rows: usize) {
         self.fill_users(rows).await;
-        let statement = self.prepare("UPDATE users SET age = $1 WHERE id = $2").await;
+        let single = self.prepare("UPDATE users SET age = $1 WHERE id = $2").await;
+        let batched = self
+            .prepare(
+                "UPDATE users SET age = v.age FROM unnest($1::int8[], $2::int4[]) AS v(id, age) \
+                 WHERE users.id = v.id",
+            )
+            .await;
         let (sessions, engine) = (&self.sessions, &self.engine);
-        let mut round = 0i32;
-        let measured = compare(
-            &self.config,
-            || async {},
-            || {
-                round += 1;
-                let age = round % 90;
-                async move {
-                    let mut session = sessions.session();
-                    let users = session.query::<User>().all().await.unwrap();
-                    let took = timed(async {
-                        for user in &users {
-                            user.write().age = age;
-                        }
-                        session.commit().await.unwrap();
-                    })
-                    .await;
-                    session.close().await.unwrap();
-                    let conn = engine.connect().await.unwrap();
-                    let updated: i64 = conn
-                        .client()
-                        .query_one("SELECT count(*) FROM users WHERE age = $1", &[&age])
-                        .await
-                        .unwrap()
-                        .get(0);
-                    assert_eq!(updated as usize, rows, "every object's change reached the table");
-                    took
+        let round = std::cell::Cell::new(0i32);
+        // Every sample sets a new age on every row, and checks that it did.
+        let next_age = || {
+            round.set(round.get() + 1);
+            round.get() % 90
+        };
+        let check = async |age: i32| {
+            assert_eq!(
+                count_users(engine, Some(age)).await,
+                rows,
+                "every change reached the table"
+            );
+        };
+        let orm_update = async || {
+            let age = next_age();
+            let mut session = sessions.session();
+            let users = session.query::<User>().all().await.unwrap();
+            let took = timed(async {
+                for user in &users {
+                    user.write().age = age;
                 }
-            },
-            || async {
-                let conn = engine.connect().await.unwrap();
+                session.commit().await.unwrap();
+            })
+            .await;
+            session.close().await.unwrap();
+            check(age).await;
+            took
+        };
+
+        // Against one UPDATE per row, in one transaction.
+        let vs_single = compare(
+            &self.config,
+            async || {},
+            orm_update,
+            async || {
+                let age = next_age();
+                let (conn, mut users) = load_users_by_hand(engine).await;
                 let raw = conn.client();
-                let users: Vec<User> = raw
-                    .query("SELECT id, name, email, age FROM users", &[])
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(user_from_row)
-                    .collect();
-                timed(async {
+                let took = timed(async {
                     raw.batch_execute("BEGIN").await.unwrap();
-                    for user in &users {
-                        raw.execute(&statement, &[&(user.age + 1), &user.id]).await.unwrap();
+                    for user in &mut users {
+                        user.age = age;
+                        raw.execute(&single, &[&user.age, &user.id]).await.unwrap();
                     }
                     raw.batch_execute("COMMIT").await.unwrap();
                 })
-                .await
+                .await;
+                drop(conn);
+                check(age).await;
+                took
             },
         )
         .await;
         self.report.add(
             &format!("update {rows} changed objects in one flush"),
-            measured,
+            vs_single,
             "raw: one UPDATE per row",
+        );
+
+        // Against the hand-written batch: one UPDATE ... FROM unnest of the
+        // keys and the new values, as the flush sends.
+        let vs_batched = compare(
+            &self.config,
+            async || {},
+            orm_update,
+            async || {
+                let age = next_age();
+                let (conn, mut users) = load_users_by_hand(engine).await;
+                let raw = conn.client();
+                let took = timed(async {
+                    for user in &mut users {
+                        user.age = age;
+                    }
+                    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+                    let ages: Vec<i32> = users.iter().map(|u| u.age).collect();
+                    let updated = raw.execute(&batched, &[&ids, &ages]).await.unwrap();
+                    assert_eq!(updated as usize, rows);
+                })
+                .await;
+                drop(conn);
+                check(age).await;
+                took
+            },
+        )
+        .await;
+        self.report.add(
+            &format!("update {rows} changed objects in one flush"),
+            vs_batched,
+            "raw: one UPDATE ... FROM unnest of all rows",
+        );
+    }
+
+    /// Deletes every loaded user in one flush. The rows come back, and the
+    /// statistics with them, before every sample.
+    async fn delete(&mut self, rows: usize) {
+        self.fill_users(rows).await;
+        let single = self.prepare("DELETE FROM users WHERE id = $1").await;
+        let batched = self.prepare("DELETE FROM users WHERE id = ANY($1)").await;
+        let (sessions, engine) = (&self.sessions, &self.engine);
+        let refill = async || fill_users(engine, rows).await;
+        let check = async || assert_eq!(count_users(engine, None).await, 0, "every row was deleted");
+        let orm_delete = async || {
+            let mut session = sessions.session();
+            let users = session.query::<User>().all().await.unwrap();
+            let took = timed(async {
+                for user in &users {
+                    session.delete(user).unwrap();
+                }
+                session.commit().await.unwrap();
+            })
+            .await;
+            session.close().await.unwrap();
+            check().await;
+            took
+        };
+
+        // Against one DELETE per row, in one transaction.
+        let vs_single = compare(&self.config, refill, orm_delete, async || {
+            let (conn, users) = load_users_by_hand(engine).await;
+            let raw = conn.client();
+            let took = timed(async {
+                raw.batch_execute("BEGIN").await.unwrap();
+                for user in &users {
+                    raw.execute(&single, &[&user.id]).await.unwrap();
+                }
+                raw.batch_execute("COMMIT").await.unwrap();
+            })
+            .await;
+            drop(conn);
+            check().await;
+            took
+        })
+        .await;
+        self.report.add(
+            &format!("delete {rows} loaded objects in one flush"),
+            vs_single,
+            "raw: one DELETE per row",
+        );
+
+        // Against the hand-written batch: one DELETE of every key at once.
+        let vs_batched = compare(&self.config, refill, orm_delete, async || {
+            let (conn, users) = load_users_by_hand(engine).await;
+            let raw = conn.client();
+            let took = timed(async {
+                let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+                let deleted = raw.execute(&batched, &[&ids]).await.unwrap();
+                assert_eq!(deleted as usize, rows);
+            })
+            .await;
+            drop(conn);
+            check().await;
+            took
+        })
+        .await;
+        self.report.add(
+            &format!("delete {rows} loaded objects in one flush"),
+            vs_batched,
+            "raw: one DELETE ... WHERE id = ANY($1)",
         );
     }
 
@@ -952,7 +1099,16 @@ async fn pin_cpus(engine: &Engine, split: bool) {
 }
 
 /// The names `ORM_BENCH_ONLY` takes.
-const WORKLOADS: [&str; 7] = ["stream", "select", "get", "join", "insert", "insert_keyed", "update"];
+const WORKLOADS: [&str; 8] = [
+    "stream",
+    "select",
+    "get",
+    "join",
+    "insert",
+    "insert_keyed",
+    "update",
+    "delete",
+];
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -1019,6 +1175,9 @@ async fn main() {
     }
     if wants(&bench, "update") {
         bench.update(scale(1_000, 10)).await;
+    }
+    if wants(&bench, "delete") {
+        bench.delete(scale(1_000, 10)).await;
     }
     bench.report.print();
 
