@@ -58,11 +58,9 @@ impl fmt::Debug for Engine {
     }
 }
 
-/// Shapes of statement an engine keeps rendered SQL for, unless told otherwise.
-const DEFAULT_QUERY_CACHE_SIZE: usize = 4096;
-
-/// The most shapes an engine may keep: each costs two counters up front
-/// (see `LoadSizes`), and numbers must fit in `u32`.
+/// The most shapes an engine may keep: the cache reserves two 4-byte
+/// counters per shape when the engine is built (see `LoadSizes`), 512 KiB
+/// at this size.
 const MAX_QUERY_CACHE_SIZE: usize = 65_536;
 
 /// Options for an [`Engine`], named after `create_engine`'s keywords.
@@ -137,11 +135,15 @@ impl EngineBuilder {
     }
 
     /// How many shapes of statement the engine keeps rendered SQL for
-    /// (`query_cache_size`, default 4096, at most 65536). Each pooled
-    /// connection prepares a kept text once and finds it again by its number
-    /// in the cache; a statement of any other shape is rendered each time it
-    /// runs and prepared through the driver's statement cache instead. 0
-    /// keeps none.
+    /// (`query_cache_size`, default 4096, at most 65536): the first that
+    /// many it meets, for its life. Each pooled connection prepares a kept
+    /// text once and finds it again by its number in the cache. A statement
+    /// of any other shape is rendered each time it runs and prepared
+    /// through the connection's statement cache, keyed by the text, which
+    /// keeps every text it prepared for as long as the connection lives: a
+    /// statement whose shape changes without end (an `AND` of n terms built
+    /// in a loop) still grows that cache, and the server's prepared
+    /// statements, whatever this says. 0 keeps none.
     pub fn query_cache_size(mut self, shapes: usize) -> Self {
         self.query_cache_size = shapes;
         self
@@ -352,7 +354,7 @@ impl Engine {
             statement_timeout: None,
             echo: false,
             application_name: None,
-            query_cache_size: DEFAULT_QUERY_CACHE_SIZE,
+            query_cache_size: crate::sql::DEFAULT_CAPACITY,
         }
     }
 
@@ -367,7 +369,8 @@ impl Engine {
     }
 
     /// The SQL rendered so far, by statement shape: sessions render each
-    /// shape of statement once per engine.
+    /// shape the cache keeps once per engine (see
+    /// [`EngineBuilder::query_cache_size`]), and any other every time.
     pub fn sql_cache(&self) -> &SqlCache {
         &self.inner.sql
     }

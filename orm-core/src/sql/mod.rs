@@ -14,7 +14,7 @@ mod shape;
 use std::fmt::Write;
 
 pub use ast::*;
-pub(crate) use shape::{BoundSql, CachedSql, LoadSizes};
+pub(crate) use shape::{BoundSql, CachedSql, LoadSizes, DEFAULT_CAPACITY};
 pub use shape::{Rendered, Shape, SqlCache};
 
 use crate::types::Param;
@@ -707,7 +707,7 @@ mod tests {
 
     #[test]
     fn the_cache_renders_each_shape_once_and_binds_values_in_placeholder_order() {
-        let cache = SqlCache::with_capacity(64);
+        let cache = SqlCache::default();
         let first = cache.render(busy_select("s%", 1, 9, vec![4, 5], 10));
         assert_eq!(
             &*first.sql,
@@ -729,7 +729,7 @@ mod tests {
 
     #[test]
     fn statements_that_differ_in_anything_but_values_are_different_shapes() {
-        let cache = SqlCache::with_capacity(64);
+        let cache = SqlCache::default();
         let mut texts = std::collections::HashSet::new();
         let variants: Vec<SelectStatement> = vec![
             busy_select("a", 1, 2, vec![], 3),
@@ -811,7 +811,7 @@ mod tests {
 
     #[test]
     fn all_columns_of_a_model_render_in_its_order_and_name_its_own_shape() {
-        let cache = SqlCache::with_capacity(64);
+        let cache = SqlCache::default();
         let users = cache.render(select_all_of(&[&USERS]));
         assert_eq!(&*users.sql, r#"SELECT "users"."id", "users"."name" FROM "users""#);
         let both = cache.render(select_all_of(&[&USERS, &POSTS]));
@@ -847,7 +847,7 @@ mod tests {
 
     #[test]
     fn texts_rendered_at_once_on_several_threads_get_distinct_dense_numbers() {
-        let cache = SqlCache::with_capacity(64);
+        let cache = SqlCache::default();
         // Shapes 1..=40, each rendered by four threads at once, in
         // different orders.
         let numbers: Vec<Vec<(usize, u32)>> = std::thread::scope(|scope| {
@@ -889,6 +889,15 @@ mod tests {
         assert_eq!(cache.render(and_of(18)).params.len(), 18);
         let again = cache.render(and_of(3));
         assert_eq!((again.params.len(), again.slot), (3, Some(2)));
+
+        // A cache that keeps nothing renders every statement, each time.
+        let none = SqlCache::with_capacity(0);
+        for _ in 0..2 {
+            let rendered = none.render(and_of(2));
+            assert_eq!((rendered.params.len(), rendered.slot), (2, None));
+            assert!(rendered.sql.ends_with("<> $2)"), "{}", rendered.sql);
+        }
+        assert!(none.is_empty());
     }
 
     /// Each cached text keeps the object counts of its last load, one per

@@ -9,7 +9,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::ast::*;
@@ -387,10 +387,16 @@ thread_local! {
 }
 
 /// SQL text by statement shape, shared by an engine's sessions, so each
-/// shape of statement is rendered once.
+/// shape of statement it keeps is rendered once. It keeps the first
+/// `query_cache_size` shapes it meets (see
+/// [`EngineBuilder::query_cache_size`](crate::EngineBuilder::query_cache_size))
+/// for the engine's life, and renders any other shape every time.
 pub struct SqlCache {
     dialect: PgDialect,
     capacity: usize,
+    /// Set once the cache holds `capacity` shapes: a statement of a shape
+    /// it does not keep then renders without taking the write lock.
+    full: AtomicBool,
     /// Each text with its number: the count of texts cached before it, so
     /// numbers are dense and never reused (nothing is ever evicted).
     rendered: RwLock<HashMap<Shape, (Arc<str>, u32), foldhash::fast::RandomState>>,
@@ -405,6 +411,16 @@ impl std::fmt::Debug for SqlCache {
     }
 }
 
+/// Shapes a cache keeps unless told otherwise.
+pub(crate) const DEFAULT_CAPACITY: usize = 4096;
+
+impl Default for SqlCache {
+    /// A cache of the default size, 4096 shapes.
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+}
+
 impl SqlCache {
     /// A cache that keeps at most `capacity` shapes. Beyond them, new shapes
     /// are rendered every time instead of cached: statements built in a
@@ -413,6 +429,7 @@ impl SqlCache {
         SqlCache {
             dialect: PgDialect,
             capacity,
+            full: AtomicBool::new(capacity == 0),
             rendered: RwLock::new(HashMap::default()),
             load_sizes: (0..capacity * LoadSizes::SIDES).map(|_| AtomicU32::new(0)).collect(),
         }
@@ -481,9 +498,13 @@ impl SqlCache {
         let mut writer = SqlWriter::default();
         statement.write_sql(&self.dialect, &mut writer);
         let sql: Arc<str> = writer.sql.into();
+        if self.full.load(Ordering::Relaxed) {
+            return CachedSql { sql, slot: None };
+        }
         let mut rendered = self.rendered.write().unwrap_or_else(PoisonError::into_inner);
         let count = rendered.len();
         if count >= self.capacity {
+            self.full.store(true, Ordering::Relaxed);
             return CachedSql { sql, slot: None };
         }
         // Another session may have cached the shape meanwhile: its entry,
