@@ -547,7 +547,7 @@ impl<M: Model> Identities<M> {
         self.unindexed_keys.last()
     }
 
-    /// Every entry, with a handle to its object.
+    /// Every entry, with its object borrowed from its block.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&M::PrimaryKey, Held<'_, M>)> + '_ {
         self.debug_assert_not_gathering();
         let slots = self

@@ -333,10 +333,11 @@ fn borrowed<M: Model>() -> Error {
     ))
 }
 
-/// An object in a block, borrowed rather than held: what the session's
-/// flush inspects in every object of its identity map. Taking a
-/// [`Tracked`] handle for each costs an atomic increment and decrement,
-/// where most objects need neither (they did not change).
+/// An object in a block the caller holds, reached through a borrow of the
+/// block instead of a handle of its own: what the session's flush inspects
+/// in every object of its identity map. Taking a [`Tracked`] handle for
+/// each costs an atomic increment and decrement, where most objects need
+/// neither (they did not change).
 pub(crate) struct Held<'a, M> {
     block: &'a Block<M>,
     index: usize,

@@ -196,7 +196,8 @@ async fn many_updates_of_one_shape_are_one_statement() {
 }
 
 /// Objects that changed different columns go out in one statement per set
-/// of columns, interleaved or not, each row with its own values.
+/// of columns, even when they come interleaved, each row with its own
+/// values.
 #[tokio::test]
 async fn updates_are_grouped_by_the_columns_that_changed() {
     let db = setup().await;
