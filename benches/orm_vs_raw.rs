@@ -314,15 +314,19 @@ async fn fill_users(engine: &Engine, count: usize) {
 /// checked out.
 async fn load_users_by_hand(engine: &Engine) -> (orm::Connection, Vec<User>) {
     let conn = engine.connect().await.unwrap();
-    let users = conn
-        .client()
+    let users = load_users_on(&conn).await;
+    (conn, users)
+}
+
+/// Every user, loaded by hand on `conn`.
+async fn load_users_on(conn: &orm::Connection) -> Vec<User> {
+    conn.client()
         .query("SELECT id, name, email, age FROM users", &[])
         .await
         .unwrap()
         .iter()
         .map(user_from_row)
-        .collect();
-    (conn, users)
+        .collect()
 }
 
 /// The count of `users` rows whose age is `age`, or of all rows.
@@ -862,10 +866,13 @@ impl Bench {
             orm_update,
             async || {
                 let age = next_age();
-                let (conn, mut users) = load_users_by_hand(engine).await;
+                // The transaction opens before the timing, as the ORM's
+                // does (its BEGIN goes out with the untimed load).
+                let conn = engine.connect().await.unwrap();
+                conn.client().batch_execute("BEGIN").await.unwrap();
+                let mut users = load_users_on(&conn).await;
                 let raw = conn.client();
                 let took = timed(async {
-                    raw.batch_execute("BEGIN").await.unwrap();
                     for user in &mut users {
                         user.age = age;
                         raw.execute(&single, &[&user.age, &user.id]).await.unwrap();
@@ -944,10 +951,11 @@ impl Bench {
 
         // Against one DELETE per row, in one transaction.
         let vs_single = compare(&self.config, refill, orm_delete, async || {
-            let (conn, users) = load_users_by_hand(engine).await;
+            let conn = engine.connect().await.unwrap();
+            conn.client().batch_execute("BEGIN").await.unwrap();
+            let users = load_users_on(&conn).await;
             let raw = conn.client();
             let took = timed(async {
-                raw.batch_execute("BEGIN").await.unwrap();
                 for user in &users {
                     raw.execute(&single, &[&user.id]).await.unwrap();
                 }
@@ -1113,9 +1121,15 @@ const WORKLOADS: [&str; 8] = [
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let smoke = std::env::var_os("ORM_BENCH_SMOKE").is_some();
+    // Both settings are checked before anything starts.
+    let setting = |name: &str| match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(value)) => panic!("{name}={value:?} is not UTF-8"),
+    };
     let config = Config {
         smoke,
-        only: std::env::var("ORM_BENCH_ONLY")
+        only: setting("ORM_BENCH_ONLY")
             .unwrap_or_default()
             .split(',')
             .filter(|w| !w.is_empty())
@@ -1126,15 +1140,19 @@ async fn main() {
     if let Some(unknown) = config.only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
         panic!("ORM_BENCH_ONLY names {unknown:?}, not a workload; the workloads: {WORKLOADS:?}");
     }
+    // Whether to pin, and whether to split the two processes over two CPUs.
+    let pin = match setting("ORM_BENCH_PIN").as_deref() {
+        None => None,
+        Some("1") => Some(false),
+        Some("split") => Some(true),
+        Some(other) => panic!("ORM_BENCH_PIN={other:?}: expected 1 (one CPU) or split (two)"),
+    };
     let server = DevServer::start().await.expect("a PostgreSQL server");
     let database = TestDatabase::create(&server).await.expect("a scratch database");
     let engine = Engine::builder(database.url()).pool_size(1).build().expect("engine");
     BenchBase::create_all(&engine).await.expect("create_all");
-    match std::env::var("ORM_BENCH_PIN").as_deref() {
-        Err(_) => {}
-        Ok("1") => pin_cpus(&engine, false).await,
-        Ok("split") => pin_cpus(&engine, true).await,
-        Ok(other) => panic!("ORM_BENCH_PIN={other:?}: expected 1 (one CPU) or split (two)"),
+    if let Some(split) = pin {
+        pin_cpus(&engine, split).await;
     }
 
     let mut bench = Bench {
