@@ -460,16 +460,46 @@ impl<M: Model> Tracked<M> {
         self.held().version()
     }
 
-    /// Borrows the object's current value.
+    /// Borrows the object's current value, waiting while another thread
+    /// writes it.
+    ///
+    /// # Panics
+    ///
+    /// When this thread holds the object's [`write`](Tracked::write) guard:
+    /// waiting for it would wait forever. Drop the guard first.
     pub fn read(&self) -> TrackedRef<'_, M> {
-        TrackedRef(self.shared().data.read().unwrap_or_else(PoisonError::into_inner))
+        let data = &self.shared().data;
+        let guard = match data.try_read() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => same_thread::refuse_if_guarded::<M, _>(data, "read")
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        };
+        same_thread::enter(data);
+        TrackedRef { guard, lock: data }
     }
 
-    /// Borrows the object mutably. The session compares it with the last
-    /// known database state at the next flush.
+    /// Borrows the object mutably, waiting while other threads read or
+    /// write it. The session compares it with the last known database state
+    /// at the next flush.
+    ///
+    /// # Panics
+    ///
+    /// When this thread holds a [`read`](Tracked::read) or `write` guard of
+    /// the same object, as in `t.write().name = t.read().name.clone()`
+    /// (the right-hand side's guard lives to the end of the statement):
+    /// waiting for it would wait forever. Copy the value into a local first.
     pub fn write(&self) -> TrackedMut<'_, M> {
         let shared = self.shared();
-        let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
+        let mut data = match shared.data.try_write() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => same_thread::refuse_if_guarded::<M, _>(&shared.data, "write")
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+        };
+        same_thread::enter(&shared.data);
         shared.meta.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
         match meta.status() {
@@ -486,7 +516,10 @@ impl<M: Model> Tracked<M> {
             }
             _ => {}
         }
-        TrackedMut(data)
+        TrackedMut {
+            guard: data,
+            lock: &shared.data,
+        }
     }
 
     /// A copy of the object's current value.
@@ -511,40 +544,121 @@ impl<M: Model> Tracked<M> {
     }
 }
 
+/// The objects whose guards (from [`Tracked::read`] and [`Tracked::write`])
+/// each thread holds, so that asking for a guard that one of this thread's
+/// own guards blocks panics instead of waiting forever. The guards are not
+/// `Send`, so each is dropped on the thread that took it.
+mod same_thread {
+    use std::cell::Cell;
+    use std::sync::RwLock;
+
+    use crate::model::Model;
+
+    /// Guards a thread holds at once, at most, that it can tell apart;
+    /// beyond them a guard goes unrecorded, and asking for a guard it
+    /// blocks waits as before, never panics wrongly.
+    const SLOTS: usize = 8;
+
+    thread_local! {
+        /// The address of each object with a guard this thread holds, or 0.
+        static HELD: [Cell<usize>; SLOTS] = const { [const { Cell::new(0) }; SLOTS] };
+    }
+
+    fn address<T>(lock: &RwLock<T>) -> usize {
+        std::ptr::from_ref(lock) as usize
+    }
+
+    /// Records a guard of `lock` taken by this thread.
+    pub(super) fn enter<T>(lock: &RwLock<T>) {
+        let address = address(lock);
+        let _ = HELD.try_with(|held| {
+            if let Some(free) = held.iter().find(|slot| slot.get() == 0) {
+                free.set(address);
+            }
+        });
+    }
+
+    /// Forgets one guard of `lock` this thread held.
+    pub(super) fn leave<T>(lock: &RwLock<T>) {
+        let address = address(lock);
+        let _ = HELD.try_with(|held| {
+            if let Some(slot) = held.iter().find(|slot| slot.get() == address) {
+                slot.set(0);
+            }
+        });
+    }
+
+    /// `lock`, unless this thread holds a guard of it, which waiting for
+    /// the lock would wait on forever.
+    pub(super) fn refuse_if_guarded<'a, M: Model, T>(lock: &'a RwLock<T>, asked: &str) -> &'a RwLock<T> {
+        let address = address(lock);
+        let guarded = HELD
+            .try_with(|held| held.iter().any(|slot| slot.get() == address))
+            .unwrap_or(false);
+        if guarded {
+            panic!(
+                "{asked}() on a {} object whose guard this thread still holds would wait forever; \
+                 drop the read() or write() guard first (in `t.write().x = t.read().x.clone()`, \
+                 copy the value into a local before the write)",
+                M::TABLE.model
+            );
+        }
+        lock
+    }
+}
+
 /// A shared borrow of a tracked object; derefs to the model.
-pub struct TrackedRef<'a, M>(RwLockReadGuard<'a, Data<M>>);
+pub struct TrackedRef<'a, M> {
+    guard: RwLockReadGuard<'a, Data<M>>,
+    lock: &'a RwLock<Data<M>>,
+}
+
+impl<M> Drop for TrackedRef<'_, M> {
+    fn drop(&mut self) {
+        same_thread::leave(self.lock);
+    }
+}
 
 impl<M> Deref for TrackedRef<'_, M> {
     type Target = M;
     fn deref(&self) -> &M {
-        &self.0.value
+        &self.guard.value
     }
 }
 
 impl<M: fmt::Debug> fmt::Debug for TrackedRef<'_, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.value.fmt(f)
+        self.guard.value.fmt(f)
     }
 }
 
 /// A mutable borrow of a tracked object; derefs to the model.
-pub struct TrackedMut<'a, M>(RwLockWriteGuard<'a, Data<M>>);
+pub struct TrackedMut<'a, M> {
+    guard: RwLockWriteGuard<'a, Data<M>>,
+    lock: &'a RwLock<Data<M>>,
+}
+
+impl<M> Drop for TrackedMut<'_, M> {
+    fn drop(&mut self) {
+        same_thread::leave(self.lock);
+    }
+}
 
 impl<M> Deref for TrackedMut<'_, M> {
     type Target = M;
     fn deref(&self) -> &M {
-        &self.0.value
+        &self.guard.value
     }
 }
 
 impl<M> DerefMut for TrackedMut<'_, M> {
     fn deref_mut(&mut self) -> &mut M {
-        &mut self.0.value
+        &mut self.guard.value
     }
 }
 
 impl<M: fmt::Debug> fmt::Debug for TrackedMut<'_, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.value.fmt(f)
+        self.guard.value.fmt(f)
     }
 }

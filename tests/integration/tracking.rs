@@ -917,3 +917,101 @@ async fn handles_dropped_on_other_threads_free_each_object_once() {
     }
     assert_eq!(DROPPED.load(Ordering::SeqCst), 300, "each value freed exactly once");
 }
+
+/// A tracked object of a session that never connects: guards need no server.
+fn unsaved_user(name: &str) -> (Session, Tracked<User>) {
+    let engine = create_engine("postgresql://postgres@127.0.0.1:1/postgres").unwrap();
+    let mut session = sessionmaker(&engine).session();
+    let user = session.add(User::new(name));
+    (session, user)
+}
+
+/// Runs `f` on a thread of its own and returns its panic message, failing
+/// if it neither panics nor returns within a few seconds (a deadlock).
+fn panic_message_of(f: impl FnOnce() + Send + 'static) -> Option<String> {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let message = outcome.err().map(|payload| {
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default()
+        });
+        let _ = done.send(message);
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the thread neither panicked nor finished: it waits on its own guard")
+}
+
+/// Asking for a guard that one of this thread's own guards blocks would
+/// wait forever: it panics instead, naming the model, as `RefCell` does.
+#[test]
+fn a_guard_blocked_by_this_threads_own_guard_panics_instead_of_waiting_forever() {
+    let message = panic_message_of(|| {
+        let (_session, user) = unsaved_user("sandy");
+        // The right-hand side's read guard lives to the end of the statement.
+        user.write().name = user.read().name.clone() + "!";
+    })
+    .expect("write() under this thread's own read() guard panics");
+    assert!(message.contains("write() on a User object"), "{message}");
+
+    let message = panic_message_of(|| {
+        let (_session, user) = unsaved_user("sandy");
+        let mut changing = user.write();
+        changing.name = user.read().name.clone();
+    })
+    .expect("read() under this thread's own write() guard panics");
+    assert!(message.contains("read() on a User object"), "{message}");
+
+    let message = panic_message_of(|| {
+        let (_session, user) = unsaved_user("sandy");
+        let first = user.write();
+        let _second = user.write();
+        drop(first);
+    })
+    .expect("a second write() on one thread panics");
+    assert!(message.contains("write() on a User object"), "{message}");
+}
+
+/// Guards of one object on one thread that do not block each other, and
+/// guards another thread holds, are no reason to panic: two reads share,
+/// a guard dropped is forgotten, and a write waits for another thread's
+/// read and then goes ahead.
+#[test]
+fn guards_that_do_not_deadlock_are_left_alone() {
+    let outcome = panic_message_of(|| {
+        let (_session, user) = unsaved_user("sandy");
+        let (first, second) = (user.read(), user.read());
+        assert_eq!((first.name.as_str(), second.name.as_str()), ("sandy", "sandy"));
+        drop((first, second));
+        // This thread read and let go; another thread's read now blocks the
+        // write, which must wait for it rather than panic.
+        let name = user.read().name.clone();
+        user.write().name = name + "!";
+
+        let (holding, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let reader = {
+            let user = user.clone();
+            std::thread::spawn(move || {
+                let guard = user.read();
+                holding.send(()).unwrap();
+                released.recv().unwrap();
+                drop(guard);
+            })
+        };
+        held.recv().unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            release.send(()).unwrap();
+        });
+        user.write().name = "sandy!!".into();
+        reader.join().unwrap();
+        releaser.join().unwrap();
+        assert_eq!(user.read().name, "sandy!!");
+    });
+    assert_eq!(outcome, None, "no guard here deadlocks, so nothing panics");
+}
