@@ -461,12 +461,16 @@ impl<M: Model> Tracked<M> {
     }
 
     /// Borrows the object's current value, waiting while another thread
-    /// writes it.
+    /// writes it (or waits to).
     ///
     /// # Panics
     ///
-    /// When this thread holds the object's [`write`](Tracked::write) guard:
-    /// waiting for it would wait forever. Drop the guard first.
+    /// When it would wait on a guard this thread holds, which would be
+    /// forever: the object's [`write`](Tracked::write) guard, or a `read`
+    /// guard while another thread waits to write (the lock lets no new
+    /// reader past a waiting writer). Drop the guard first. A thread holding
+    /// more than eight guards at once is not checked beyond them, and such
+    /// a call waits forever as a plain lock's would.
     pub fn read(&self) -> TrackedRef<'_, M> {
         let data = &self.shared().data;
         let guard = match data.try_read() {
@@ -490,6 +494,7 @@ impl<M: Model> Tracked<M> {
     /// the same object, as in `t.write().name = t.read().name.clone()`
     /// (the right-hand side's guard lives to the end of the statement):
     /// waiting for it would wait forever. Copy the value into a local first.
+    /// As with `read`, guards beyond eight held at once are not checked.
     pub fn write(&self) -> TrackedMut<'_, M> {
         let shared = self.shared();
         let mut data = match shared.data.try_write() {
@@ -499,7 +504,6 @@ impl<M: Model> Tracked<M> {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner),
         };
-        same_thread::enter(&shared.data);
         shared.meta.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
         match meta.status() {
@@ -516,6 +520,9 @@ impl<M: Model> Tracked<M> {
             }
             _ => {}
         }
+        // Recorded only now: if the model's clone above panicked, the plain
+        // guard went without a record left behind.
+        same_thread::enter(&shared.data);
         TrackedMut {
             guard: data,
             lock: &shared.data,
@@ -523,6 +530,10 @@ impl<M: Model> Tracked<M> {
     }
 
     /// A copy of the object's current value.
+    ///
+    /// # Panics
+    ///
+    /// As [`read`](Tracked::read) does.
     pub fn get(&self) -> M {
         self.read().clone()
     }

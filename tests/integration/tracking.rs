@@ -98,6 +98,36 @@ mod loose {
     }
 }
 
+/// A model whose clone panics while `FAIL_CLONES` is set, as a hand-written
+/// `Clone` might.
+mod brittle {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use orm::prelude::*;
+
+    orm::declarative_base!(pub BrittleBase);
+
+    pub static FAIL_CLONES: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Model, Debug)]
+    #[orm(table = "brittle_rows", base = BrittleBase)]
+    pub struct BrittleRow {
+        #[orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+    }
+
+    impl Clone for BrittleRow {
+        fn clone(&self) -> Self {
+            assert!(!FAIL_CLONES.load(Ordering::Relaxed), "a clone that fails");
+            BrittleRow {
+                id: self.id,
+                name: self.name.clone(),
+            }
+        }
+    }
+}
+
 /// A fresh database whose `users` are "user 1" to "user {count}", with ids
 /// 1 to `count` in the same order.
 async fn users_named_in_order(count: i64) -> crate::common::TestDb {
@@ -1014,4 +1044,49 @@ fn guards_that_do_not_deadlock_are_left_alone() {
         assert_eq!(user.read().name, "sandy!!");
     });
     assert_eq!(outcome, None, "no guard here deadlocks, so nothing panics");
+}
+
+/// A `write()` whose copy of the database state panics (a hand-written
+/// `Clone`) leaves no record of a guard behind: a later `write()` on the same
+/// thread that must wait for another thread's read waits, and succeeds.
+#[tokio::test]
+async fn a_write_that_panics_while_copying_leaves_no_guard_recorded() {
+    use brittle::{BrittleBase, BrittleRow, FAIL_CLONES};
+    use std::sync::atomic::Ordering;
+
+    let db = test_db().await;
+    BrittleBase::create_all(&db.engine).await.unwrap();
+    let mut session = sessionmaker(&db.engine).session();
+    let row = session.add(BrittleRow {
+        id: 1,
+        name: "sandy".into(),
+    });
+    session.flush().await.unwrap();
+    assert_eq!(row.status(), ObjectStatus::Persistent);
+
+    let outcome = panic_message_of(move || {
+        FAIL_CLONES.store(true, Ordering::Relaxed);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            row.write().name = "lost".into();
+        }));
+        FAIL_CLONES.store(false, Ordering::Relaxed);
+        assert!(failed.is_err(), "the copy panicked");
+
+        // Another thread reads; this thread's write must wait for it.
+        let (holding, held) = std::sync::mpsc::channel();
+        let reader = {
+            let row = row.clone();
+            std::thread::spawn(move || {
+                let guard = row.read();
+                holding.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                drop(guard);
+            })
+        };
+        held.recv().unwrap();
+        row.write().name = "sandy!".into();
+        reader.join().unwrap();
+        assert_eq!(row.read().name, "sandy!");
+    });
+    assert_eq!(outcome, None);
 }
