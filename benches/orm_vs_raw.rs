@@ -311,22 +311,22 @@ async fn fill_users(engine: &Engine, count: usize) {
 }
 
 /// Every user, loaded by hand, with the connection they came on, still
-/// checked out.
-async fn load_users_by_hand(engine: &Engine) -> (orm::Connection, Vec<User>) {
+/// checked out; in a transaction opened first when `begin`, as the session
+/// opens its own with its load.
+async fn load_users_by_hand(engine: &Engine, begin: bool) -> (orm::Connection, Vec<User>) {
     let conn = engine.connect().await.unwrap();
-    let users = load_users_on(&conn).await;
-    (conn, users)
-}
-
-/// Every user, loaded by hand on `conn`.
-async fn load_users_on(conn: &orm::Connection) -> Vec<User> {
-    conn.client()
+    if begin {
+        conn.client().batch_execute("BEGIN").await.unwrap();
+    }
+    let users = conn
+        .client()
         .query("SELECT id, name, email, age FROM users", &[])
         .await
         .unwrap()
         .iter()
         .map(user_from_row)
-        .collect()
+        .collect();
+    (conn, users)
 }
 
 /// The count of `users` rows whose age is `age`, or of all rows.
@@ -868,9 +868,7 @@ impl Bench {
                 let age = next_age();
                 // The transaction opens before the timing, as the ORM's
                 // does (its BEGIN goes out with the untimed load).
-                let conn = engine.connect().await.unwrap();
-                conn.client().batch_execute("BEGIN").await.unwrap();
-                let mut users = load_users_on(&conn).await;
+                let (conn, mut users) = load_users_by_hand(engine, true).await;
                 let raw = conn.client();
                 let took = timed(async {
                     for user in &mut users {
@@ -900,7 +898,7 @@ impl Bench {
             orm_update,
             async || {
                 let age = next_age();
-                let (conn, mut users) = load_users_by_hand(engine).await;
+                let (conn, mut users) = load_users_by_hand(engine, false).await;
                 let raw = conn.client();
                 let took = timed(async {
                     for user in &mut users {
@@ -951,9 +949,7 @@ impl Bench {
 
         // Against one DELETE per row, in one transaction.
         let vs_single = compare(&self.config, refill, orm_delete, async || {
-            let conn = engine.connect().await.unwrap();
-            conn.client().batch_execute("BEGIN").await.unwrap();
-            let users = load_users_on(&conn).await;
+            let (conn, users) = load_users_by_hand(engine, true).await;
             let raw = conn.client();
             let took = timed(async {
                 for user in &users {
@@ -975,7 +971,7 @@ impl Bench {
 
         // Against the hand-written batch: one DELETE of every key at once.
         let vs_batched = compare(&self.config, refill, orm_delete, async || {
-            let (conn, users) = load_users_by_hand(engine).await;
+            let (conn, users) = load_users_by_hand(engine, false).await;
             let raw = conn.client();
             let took = timed(async {
                 let ids: Vec<i64> = users.iter().map(|u| u.id).collect();

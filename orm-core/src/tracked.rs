@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use crate::counted::Counted;
 use crate::error::{Error, Result};
@@ -473,15 +473,11 @@ impl<M: Model> Tracked<M> {
     /// a call waits forever as a plain lock's would.
     pub fn read(&self) -> TrackedRef<'_, M> {
         let data = &self.shared().data;
-        let guard = match data.try_read() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => same_thread::refuse_if_guarded::<M, _>(data, "read")
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        };
-        same_thread::enter(data);
-        TrackedRef { guard, lock: data }
+        let guard = same_thread::lock::<M, _, _>(data, "read", data.try_read(), || data.read());
+        TrackedRef {
+            guard,
+            _record: same_thread::Record::new(data),
+        }
     }
 
     /// Borrows the object mutably, waiting while other threads read or
@@ -497,13 +493,8 @@ impl<M: Model> Tracked<M> {
     /// As with `read`, guards beyond eight held at once are not checked.
     pub fn write(&self) -> TrackedMut<'_, M> {
         let shared = self.shared();
-        let mut data = match shared.data.try_write() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => same_thread::refuse_if_guarded::<M, _>(&shared.data, "write")
-                .write()
-                .unwrap_or_else(PoisonError::into_inner),
-        };
+        let lock = &shared.data;
+        let mut data = same_thread::lock::<M, _, _>(lock, "write", lock.try_write(), || lock.write());
         shared.meta.version.fetch_add(1, Ordering::AcqRel);
         let meta = self.meta();
         match meta.status() {
@@ -522,10 +513,9 @@ impl<M: Model> Tracked<M> {
         }
         // Recorded only now: if the model's clone above panicked, the plain
         // guard went without a record left behind.
-        same_thread::enter(&shared.data);
         TrackedMut {
             guard: data,
-            lock: &shared.data,
+            _record: same_thread::Record::new(lock),
         }
     }
 
@@ -561,7 +551,7 @@ impl<M: Model> Tracked<M> {
 /// `Send`, so each is dropped on the thread that took it.
 mod same_thread {
     use std::cell::Cell;
-    use std::sync::RwLock;
+    use std::sync::{LockResult, PoisonError, RwLock, TryLockError, TryLockResult};
 
     use crate::model::Model;
 
@@ -571,7 +561,7 @@ mod same_thread {
     const SLOTS: usize = 8;
 
     thread_local! {
-        /// The address of each object with a guard this thread holds, or 0.
+        /// The address of each lock with a guard this thread holds, or 0.
         static HELD: [Cell<usize>; SLOTS] = const { [const { Cell::new(0) }; SLOTS] };
     }
 
@@ -579,55 +569,71 @@ mod same_thread {
         std::ptr::from_ref(lock) as usize
     }
 
-    /// Records a guard of `lock` taken by this thread.
-    pub(super) fn enter<T>(lock: &RwLock<T>) {
-        let address = address(lock);
-        let _ = HELD.try_with(|held| {
-            if let Some(free) = held.iter().find(|slot| slot.get() == 0) {
+    /// That this thread holds a guard of one lock, for as long as the
+    /// record lives: kept beside the guard, and dropped with it.
+    pub(super) struct Record(Option<usize>);
+
+    impl Record {
+        /// Records a guard of `lock` taken by this thread, if a slot is free.
+        pub(super) fn new<T>(lock: &RwLock<T>) -> Record {
+            let address = address(lock);
+            let recorded = HELD.try_with(|held| {
+                let free = held.iter().find(|slot| slot.get() == 0)?;
                 free.set(address);
-            }
-        });
-    }
-
-    /// Forgets one guard of `lock` this thread held.
-    pub(super) fn leave<T>(lock: &RwLock<T>) {
-        let address = address(lock);
-        let _ = HELD.try_with(|held| {
-            if let Some(slot) = held.iter().find(|slot| slot.get() == address) {
-                slot.set(0);
-            }
-        });
-    }
-
-    /// `lock`, unless this thread holds a guard of it, which waiting for
-    /// the lock would wait on forever.
-    pub(super) fn refuse_if_guarded<'a, M: Model, T>(lock: &'a RwLock<T>, asked: &str) -> &'a RwLock<T> {
-        let address = address(lock);
-        let guarded = HELD
-            .try_with(|held| held.iter().any(|slot| slot.get() == address))
-            .unwrap_or(false);
-        if guarded {
-            panic!(
-                "{asked}() on a {} object whose guard this thread still holds would wait forever; \
-                 drop the read() or write() guard first (in `t.write().x = t.read().x.clone()`, \
-                 copy the value into a local before the write)",
-                M::TABLE.model
-            );
+                Some(address)
+            });
+            Record(recorded.ok().flatten())
         }
-        lock
+    }
+
+    impl Drop for Record {
+        fn drop(&mut self) {
+            if let Some(address) = self.0 {
+                let _ = HELD.try_with(|held| {
+                    if let Some(slot) = held.iter().find(|slot| slot.get() == address) {
+                        slot.set(0);
+                    }
+                });
+            }
+        }
+    }
+
+    /// The guard `attempt` got without waiting, or else the one `wait`
+    /// waits for, unless this thread holds a guard of `lock`: that wait
+    /// would last forever, so it panics, naming the model and what was
+    /// `asked`. A poisoned lock is taken as it is.
+    pub(super) fn lock<M: Model, T, G>(
+        lock: &RwLock<T>,
+        asked: &str,
+        attempt: TryLockResult<G>,
+        wait: impl FnOnce() -> LockResult<G>,
+    ) -> G {
+        match attempt {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let address = address(lock);
+                let own = HELD
+                    .try_with(|held| held.iter().any(|slot| slot.get() == address))
+                    .unwrap_or(false);
+                if own {
+                    panic!(
+                        "{asked}() on a {} object whose guard this thread still holds would wait forever; \
+                         drop the read() or write() guard first (in `t.write().x = t.read().x.clone()`, \
+                         copy the value into a local before the write)",
+                        M::TABLE.model
+                    );
+                }
+                wait().unwrap_or_else(PoisonError::into_inner)
+            }
+        }
     }
 }
 
 /// A shared borrow of a tracked object; derefs to the model.
 pub struct TrackedRef<'a, M> {
     guard: RwLockReadGuard<'a, Data<M>>,
-    lock: &'a RwLock<Data<M>>,
-}
-
-impl<M> Drop for TrackedRef<'_, M> {
-    fn drop(&mut self) {
-        same_thread::leave(self.lock);
-    }
+    _record: same_thread::Record,
 }
 
 impl<M> Deref for TrackedRef<'_, M> {
@@ -646,13 +652,7 @@ impl<M: fmt::Debug> fmt::Debug for TrackedRef<'_, M> {
 /// A mutable borrow of a tracked object; derefs to the model.
 pub struct TrackedMut<'a, M> {
     guard: RwLockWriteGuard<'a, Data<M>>,
-    lock: &'a RwLock<Data<M>>,
-}
-
-impl<M> Drop for TrackedMut<'_, M> {
-    fn drop(&mut self) {
-        same_thread::leave(self.lock);
-    }
+    _record: same_thread::Record,
 }
 
 impl<M> Deref for TrackedMut<'_, M> {

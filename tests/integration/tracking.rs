@@ -1034,8 +1034,10 @@ fn guards_that_do_not_deadlock_are_left_alone() {
             })
         };
         held.recv().unwrap();
+        // The read is let go a while after the write below starts waiting;
+        // nothing here can tell that it waits, so the while is generous.
         let releaser = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(300));
             release.send(()).unwrap();
         });
         user.write().name = "sandy!!".into();
